@@ -1,0 +1,127 @@
+"""MoEConfig: the plain dataclass every MoE layer is built from, with one-line validation errors."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+DISPATCHES = ("reference", "standard", "occult")
+TRANSPORTS = ("dense", "ragged")
+SCORE_FNS = ("softmax", "sigmoid")
+EXPERT_MATMULS = ("auto", "ragged_dot", "einsum")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclasses.dataclass(frozen=True)
+class MoEConfig:
+    """Shape and behaviour of one MoE layer.
+
+    dispatch: "reference" (no expert parallelism; the ground truth), "standard" (one row per
+      (token, expert) on the wire) or "occult" (one row per (token, device), pre-combined on the
+      expert side).
+    transport: "dense" (fixed per-peer buffers, `all_to_all`) or "ragged" (`ragged_all_to_all`,
+      only real rows move; GPU/TPU, emulated on CPU).
+    capacity_factor: None is dropless (buffers sized for the worst case); a float sizes each
+      per-peer buffer to `capacity_factor` × the expected rows per peer under uniform routing.
+      Overflowing assignments are dropped and counted in `stats["dropped"]`.
+    """
+
+    num_experts: int = 8
+    top_k: int = 2
+    d_model: int = 64
+    d_ff: int = 128
+    dispatch: str = "standard"
+    transport: str = "dense"
+    score_fn: str = "softmax"
+    renormalize: bool = True
+    capacity_factor: float | None = None
+    num_shared_experts: int = 0
+    shared_d_ff: int | None = None  # width of each shared expert; defaults to d_ff
+    shared_expert_gate: bool = False  # Qwen2-MoE style sigmoid gate on the shared output
+    expert_matmul: str = "auto"
+    dtype: str = "float32"  # compute dtype of activations and expert matmuls
+    param_dtype: str = "float32"
+    aux_loss_weight: float = 0.01
+    z_loss_weight: float = 0.001
+    expert_axis: str = "expert"
+
+    def __post_init__(self):
+        validate(self)
+
+    @property
+    def shared_width(self) -> int:
+        return self.num_shared_experts * (self.shared_d_ff or self.d_ff)
+
+    def replace(self, **changes) -> MoEConfig:
+        return dataclasses.replace(self, **changes)
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ValueError(message)
+
+
+def _one_of(name: str, value: str, choices: tuple[str, ...]) -> None:
+    _require(value in choices, f"MoEConfig.{name}={value!r} is unknown; use one of {choices}.")
+
+
+def validate(cfg: MoEConfig) -> None:
+    """Checks values that need no mesh or input; raises ValueError with what to change."""
+    for name in ("num_experts", "top_k", "d_model", "d_ff"):
+        value = getattr(cfg, name)
+        _require(isinstance(value, int) and value >= 1,
+                 f"MoEConfig.{name}={value!r} must be a positive integer.")
+    _require(cfg.top_k <= cfg.num_experts,
+             f"MoEConfig.top_k={cfg.top_k} exceeds num_experts={cfg.num_experts}; "
+             "lower top_k or add experts.")
+    _one_of("dispatch", cfg.dispatch, DISPATCHES)
+    _one_of("transport", cfg.transport, TRANSPORTS)
+    _one_of("score_fn", cfg.score_fn, SCORE_FNS)
+    _one_of("expert_matmul", cfg.expert_matmul, EXPERT_MATMULS)
+    _one_of("dtype", cfg.dtype, DTYPES)
+    _one_of("param_dtype", cfg.param_dtype, DTYPES)
+    _require(cfg.capacity_factor is None or cfg.capacity_factor > 0,
+             f"MoEConfig.capacity_factor={cfg.capacity_factor!r} must be > 0, "
+             "or None for dropless.")
+    _require(cfg.num_shared_experts >= 0,
+             f"MoEConfig.num_shared_experts={cfg.num_shared_experts} must be >= 0.")
+
+
+def validate_for_mesh(cfg: MoEConfig, axis_names: tuple[str, ...], expert_axis_size: int,
+                      num_devices: int, num_tokens: int) -> None:
+    """Checks that need the mesh and the input; called before anything is traced or compiled."""
+    _require(cfg.expert_axis in axis_names,
+             f"mesh axes {axis_names} have no {cfg.expert_axis!r} axis; build the mesh with "
+             f"oj.make_mesh(expert=...) or set MoEConfig.expert_axis.")
+    _require(cfg.num_experts % expert_axis_size == 0,
+             f"num_experts={cfg.num_experts} is not divisible by the {cfg.expert_axis!r} axis "
+             f"size {expert_axis_size}; use a multiple of {expert_axis_size} experts.")
+    _require(num_tokens % num_devices == 0,
+             f"token count {num_tokens} (batch × seq) is not divisible by the {num_devices} "
+             f"devices of the mesh; use a batch × seq that is a multiple of {num_devices}.")
+
+
+def expected_devices_per_token(num_experts: int, top_k: int, num_devices: int) -> float:
+    """E[C_T] under uniform routing: N · (1 − C(E − E/N, k) / C(E, k))."""
+    local = num_experts // num_devices
+    miss = math.comb(num_experts - local, top_k) / math.comb(num_experts, top_k)
+    return num_devices * (1.0 - miss)
+
+
+def peer_capacity(cfg: MoEConfig, tokens_per_device: int, num_devices: int) -> int:
+    """Rows in each per-peer buffer: the dropless bound, or capacity_factor × expected rows.
+
+    Dropless bounds: a token sends at most min(k, E/N) copies to one device in the standard
+    layout, and at most one row in the deduplicated (occult) layout.
+    """
+    local = cfg.num_experts // num_devices
+    if cfg.dispatch == "occult":
+        dropless = tokens_per_device
+        rows_per_token = expected_devices_per_token(cfg.num_experts, cfg.top_k, num_devices)
+    else:
+        dropless = tokens_per_device * min(cfg.top_k, local)
+        rows_per_token = float(cfg.top_k)
+    if cfg.capacity_factor is None:
+        return dropless
+    expected = tokens_per_device * rows_per_token / num_devices
+    return max(1, min(dropless, math.ceil(cfg.capacity_factor * expected)))

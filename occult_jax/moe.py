@@ -1,0 +1,131 @@
+"""MoELayer: the Flax NNX module users build models from."""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.sharding import Mesh, PartitionSpec
+
+from occult_jax import config as config_lib
+from occult_jax import mesh as mesh_lib
+from occult_jax.config import MoEConfig
+from occult_jax.dispatch import ExpertWeights, Layout, expert_parallel_moe, reference_moe
+from occult_jax.experts import resolve_backend, swiglu
+
+
+class ExpertPlacement(nnx.Variable):
+    """Non-trainable logical→physical expert map: expert e lives in weight slot `map[e]`.
+
+    Slot s sits on device s // (E / N) of the expert axis. Placement permutes it (with the
+    weights), so routing and the router stay in logical ids.
+    """
+
+
+def _normal(rngs: nnx.Rngs, shape: tuple[int, ...], fan_in: int, dtype) -> jax.Array:
+    std = 1.0 / math.sqrt(fan_in)
+    return (std * jax.random.truncated_normal(rngs.params(), -2.0, 2.0, shape)).astype(dtype)
+
+
+def _placer(mesh: Mesh | None, spec: PartitionSpec):
+    """A function that puts an array on `spec` over `mesh` (identity without a mesh)."""
+    if mesh is None:
+        return lambda value: value
+    return lambda value: jax.device_put(value, mesh_lib.sharding(mesh, spec))
+
+
+class SharedExperts(nnx.Module):
+    """Always-on dense SwiGLU added to the MoE output (Qwen1.5-MoE, DeepSeek-MoE)."""
+
+    def __init__(self, cfg: MoEConfig, *, rngs: nnx.Rngs):
+        d, f, dtype = cfg.d_model, cfg.shared_width, jnp.dtype(cfg.param_dtype)
+        self.w_gate = nnx.Param(_normal(rngs, (d, f), d, dtype))
+        self.w_up = nnx.Param(_normal(rngs, (d, f), d, dtype))
+        self.w_down = nnx.Param(_normal(rngs, (f, d), f, dtype))
+        self.gate = nnx.Param(_normal(rngs, (d, 1), d, dtype)) if cfg.shared_expert_gate else None
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        dtype = x.dtype
+        y = swiglu(x, self.w_gate[...].astype(dtype), self.w_up[...].astype(dtype),
+                   self.w_down[...].astype(dtype))
+        if self.gate is not None:
+            y = y * jax.nn.sigmoid(jnp.dot(x, self.gate[...].astype(dtype)))
+        return y
+
+
+class MoELayer(nnx.Module):
+    """Top-k routed SwiGLU experts, expert-parallel over the mesh's expert axis.
+
+    `layer(x)` with x [batch, seq, d_model] returns (y of the same shape, stats). stats holds
+    aux_loss, z_loss, expert_load [E], ct (mean devices per token), dropped (assignments lost to
+    capacity), wire_rows and wire_bytes (sent off-device, forward, summed over devices).
+    """
+
+    def __init__(self, cfg: MoEConfig, *, mesh: Mesh | None = None, rngs: nnx.Rngs):
+        if cfg.dispatch != "reference" and mesh is None:
+            raise ValueError(f"dispatch={cfg.dispatch!r} needs a mesh; pass "
+                             "mesh=oj.make_mesh(...) or use dispatch='reference'.")
+        if mesh is not None:
+            config_lib.validate_for_mesh(cfg, tuple(mesh.axis_names), self._axis_size(cfg, mesh),
+                                         mesh.size, mesh.size)
+        self.cfg, self.mesh = cfg, mesh
+        e, d, f, dtype = cfg.num_experts, cfg.d_model, cfg.d_ff, jnp.dtype(cfg.param_dtype)
+        expert_sharding = _placer(mesh, mesh_lib.expert_spec(cfg.expert_axis))
+        replicated = _placer(mesh, PartitionSpec())
+        self.router = nnx.Param(replicated(_normal(rngs, (d, e), d, jnp.float32)))
+        self.w_gate = nnx.Param(expert_sharding(_normal(rngs, (e, d, f), d, dtype)))
+        self.w_up = nnx.Param(expert_sharding(_normal(rngs, (e, d, f), d, dtype)))
+        self.w_down = nnx.Param(expert_sharding(_normal(rngs, (e, f, d), f, dtype)))
+        self.placement = ExpertPlacement(replicated(jnp.arange(e, dtype=jnp.int32)))
+        self.shared = SharedExperts(cfg, rngs=rngs) if cfg.num_shared_experts else None
+
+    @staticmethod
+    def _axis_size(cfg: MoEConfig, mesh: Mesh) -> int:
+        return dict(mesh.shape).get(cfg.expert_axis, 0)
+
+    @property
+    def num_devices(self) -> int:
+        return 1 if self.mesh is None else self._axis_size(self.cfg, self.mesh)
+
+    def expert_weights(self) -> ExpertWeights:
+        return ExpertWeights(self.router[...], self.w_gate[...], self.w_up[...],
+                             self.w_down[...])
+
+    def __call__(self, x: jax.Array) -> tuple[jax.Array, dict]:
+        cfg = self.cfg
+        if x.ndim < 2 or x.shape[-1] != cfg.d_model:
+            raise ValueError(f"MoELayer expects [..., d_model={cfg.d_model}] input, got shape "
+                             f"{tuple(x.shape)}; reshape it or fix MoEConfig.d_model.")
+        shape = x.shape
+        x2d = x.reshape(-1, cfg.d_model).astype(jnp.dtype(cfg.dtype))
+        weights, placement = self.expert_weights(), self.placement[...]
+        if cfg.dispatch == "reference":
+            y, stats = reference_moe(x2d, weights, placement, cfg, self.num_devices)
+        else:
+            y, stats = self._expert_parallel(x2d, weights, placement)
+        if self.shared is not None:
+            y = y + self.shared(x2d)
+        return y.reshape(shape).astype(x.dtype), stats
+
+    def _expert_parallel(self, x2d, weights, placement):
+        cfg, mesh = self.cfg, self.mesh
+        config_lib.validate_for_mesh(cfg, tuple(mesh.axis_names), self.num_devices, mesh.size,
+                                     x2d.shape[0])
+        layout = Layout(
+            axis_name=cfg.expert_axis,
+            all_axes=tuple(mesh.axis_names),
+            num_devices=self.num_devices,
+            capacity=config_lib.peer_capacity(cfg, x2d.shape[0] // mesh.size, self.num_devices),
+            backend=resolve_backend(cfg.expert_matmul),
+        )
+        tokens = mesh_lib.token_spec(mesh)
+        experts = mesh_lib.expert_spec(cfg.expert_axis)
+        weight_specs = ExpertWeights(PartitionSpec(), experts, experts, experts)
+
+        def local(x, w, p):
+            return expert_parallel_moe(x, w, p, cfg, layout)
+
+        return jax.shard_map(local, mesh=mesh, in_specs=(tokens, weight_specs, PartitionSpec()),
+                             out_specs=(tokens, PartitionSpec()))(x2d, weights, placement)

@@ -1,0 +1,118 @@
+"""Dispatch plans: where each token row goes, for the standard and the Occult layouts.
+
+A plan is a pure function of the routing, the expert→slot map and the buffer capacity. The send
+buffer has `num_devices` blocks of `capacity` rows; block n goes to device n. Each row carries a
+token's activations plus up to `pairs` (local expert, weight) pairs:
+
+* standard: one row per (token, expert) — `pairs = 1`;
+* occult:   one row per (token, device), listing every chosen expert of that device —
+            `pairs = min(k, E/N)`.
+
+That grouping is the only difference between the two; everything downstream is shared.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class DispatchPlan:
+    slot_token: jax.Array  # [N*C] source token of each send row, -1 if empty
+    token_slot: jax.Array  # [T, k] send row owned by each assignment (first of its group), else -1
+    slot_expert: jax.Array  # [N*C, pairs] local expert index of each pair, -1 if empty
+    slot_weight: jax.Array  # [N*C, pairs] routing weight of each pair, 0 if empty
+    send_counts: jax.Array  # [N] rows used in each block (rows are packed at the block start)
+    kept: jax.Array  # [T, k] bool, False where the assignment overflowed its block
+    devices_per_token: jax.Array  # [T] distinct devices among the token's experts (C_T)
+
+
+def pairs_per_row(dedup: bool, top_k: int, experts_per_device: int) -> int:
+    return min(top_k, experts_per_device) if dedup else 1
+
+
+def make_plan(expert_ids: jax.Array, weights: jax.Array, expert_slot: jax.Array, *,
+              num_devices: int, experts_per_device: int, capacity: int,
+              dedup: bool) -> DispatchPlan:
+    """expert_ids/weights [T, k] (logical ids) → a DispatchPlan.
+
+    expert_slot [E] maps a logical expert to its physical slot; slot // experts_per_device is
+    its device and slot % experts_per_device its index there (placement permutes the map).
+    """
+    tokens, k = expert_ids.shape
+    slot = expert_slot[expert_ids]
+    device = slot // experts_per_device
+    local = slot % experts_per_device
+    col = jnp.arange(k)
+
+    same = device[:, :, None] == device[:, None, :]  # [T, k, k]
+    if dedup:  # group = all of a token's assignments to one device; leader = first of them
+        leader = jnp.argmax(same, axis=-1)
+        rank = jnp.sum(same & (col[None, :] < col[:, None])[None], axis=-1)
+    else:
+        leader = jnp.broadcast_to(col, (tokens, k))
+        rank = jnp.zeros((tokens, k), jnp.int32)
+    is_leader = leader == col
+    first_of_device = jnp.sum(same & (col[None, :] < col[:, None])[None], axis=-1) == 0
+    devices_per_token = jnp.sum(first_of_device, axis=-1)
+
+    # Row position of each leader inside its destination block, in (token, expert) order.
+    wants = (device[..., None] == jnp.arange(num_devices)) & is_leader[..., None]  # [T, k, N]
+    running = jnp.cumsum(wants.reshape(tokens * k, num_devices), axis=0) - 1
+    position = jnp.take_along_axis(running.reshape(tokens, k, num_devices), device[..., None],
+                                   axis=-1)[..., 0]
+    position = jnp.take_along_axis(position, leader, axis=1)  # followers share the leader's row
+    kept = position < capacity
+    row = device * capacity + position  # [T, k]
+
+    blocks = num_devices * capacity
+    pairs = pairs_per_row(dedup, k, experts_per_device)
+    owner = is_leader & kept
+    token_index = jnp.broadcast_to(jnp.arange(tokens)[:, None], (tokens, k))
+    slot_token = jnp.full((blocks,), -1, jnp.int32).at[jnp.where(owner, row, blocks)].set(
+        token_index, mode="drop")
+    pair_row = jnp.where(kept, row, blocks)
+    slot_expert = jnp.full((blocks, pairs), -1, jnp.int32).at[pair_row, rank].set(
+        local, mode="drop")
+    slot_weight = jnp.zeros((blocks, pairs), weights.dtype).at[pair_row, rank].set(
+        weights, mode="drop")
+    send_counts = jnp.minimum(jnp.sum(wants, axis=(0, 1)), capacity).astype(jnp.int32)
+    return DispatchPlan(
+        slot_token=slot_token,
+        token_slot=jnp.where(owner, row, -1).astype(jnp.int32),
+        slot_expert=slot_expert,
+        slot_weight=slot_weight,
+        send_counts=send_counts,
+        kept=kept,
+        devices_per_token=devices_per_token,
+    )
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class ExpertPlan:
+    """Received rows expanded to (row, local expert) items, grouped by local expert."""
+
+    item_row: jax.Array  # [M] received row of each sorted item, -1 for padding items
+    row_items: jax.Array  # [R, pairs] sorted position of each (row, pair), -1 if empty
+    order: jax.Array  # [M] flat (row, pair) index of each sorted item
+    group_sizes: jax.Array  # [E_local] items per local expert
+
+
+def make_expert_plan(slot_expert: jax.Array, experts_per_device: int) -> ExpertPlan:
+    """slot_expert [R, pairs] (received) → items sorted by local expert, padding last."""
+    rows, pairs = slot_expert.shape
+    flat = slot_expert.reshape(-1)
+    valid = flat >= 0
+    key = jnp.where(valid, flat, experts_per_device)
+    order = jnp.argsort(key, stable=True).astype(jnp.int32)
+    sorted_valid = valid[order]
+    item_row = jnp.where(sorted_valid, order // pairs, -1)
+    position = jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0], dtype=jnp.int32))
+    row_items = jnp.where(valid, position, -1).reshape(rows, pairs)
+    group_sizes = jnp.bincount(key, length=experts_per_device + 1)[:experts_per_device]
+    return ExpertPlan(item_row, row_items, order, group_sizes.astype(jnp.int32))

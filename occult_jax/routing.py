@@ -1,0 +1,58 @@
+"""Router: scores, top-k, and the auxiliary losses (load balancing, z-loss)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from occult_jax.config import MoEConfig
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class Routing:
+    """One routing decision for T tokens. Expert ids are logical (router column) ids."""
+
+    expert_ids: jax.Array  # [T, k] int32
+    weights: jax.Array  # [T, k] float32, the combine weights
+    scores: jax.Array  # [T, E] float32, normalised scores (softmax, or sigmoid / sum)
+    logits: jax.Array  # [T, E] float32
+
+
+def route(x: jax.Array, router_kernel: jax.Array, cfg: MoEConfig) -> Routing:
+    """x [T, d] → top-k experts and their weights; the router runs in float32."""
+    logits = jnp.dot(x.astype(jnp.float32), router_kernel.astype(jnp.float32))
+    if cfg.score_fn == "softmax":
+        raw = jax.nn.softmax(logits, axis=-1)
+        scores = raw
+    else:
+        raw = jax.nn.sigmoid(logits)
+        scores = raw / jnp.sum(raw, axis=-1, keepdims=True)
+    top_raw, expert_ids = jax.lax.top_k(raw, cfg.top_k)
+    weights = top_raw
+    if cfg.renormalize:
+        weights = top_raw / jnp.sum(top_raw, axis=-1, keepdims=True)
+    return Routing(expert_ids.astype(jnp.int32), weights, scores, logits)
+
+
+def loss_terms(routing: Routing, num_experts: int) -> dict[str, jax.Array]:
+    """Per-shard means whose global mean gives the losses (equal tokens per shard).
+
+    Returns the assignment fraction f_e, the mean score P_e, and the mean squared logsumexp.
+    """
+    tokens, k = routing.expert_ids.shape
+    counts = jnp.zeros((num_experts,), jnp.float32).at[routing.expert_ids.reshape(-1)].add(1.0)
+    return {
+        "fraction": counts / (tokens * k),
+        "mean_score": jnp.mean(routing.scores, axis=0),
+        "z": jnp.mean(jax.nn.logsumexp(routing.logits, axis=-1) ** 2),
+        "load": counts,
+    }
+
+
+def losses_from_terms(terms: dict[str, jax.Array], num_experts: int) -> dict[str, jax.Array]:
+    """Switch load-balancing loss E·Σ f_e·P_e (1 at perfect balance) and the router z-loss."""
+    aux = num_experts * jnp.sum(jax.lax.stop_gradient(terms["fraction"]) * terms["mean_score"])
+    return {"aux_loss": aux, "z_loss": terms["z"], "expert_load": terms["load"]}

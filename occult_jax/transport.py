@@ -1,0 +1,163 @@
+"""Transports: move per-peer row blocks across the expert axis (inside shard_map).
+
+Every array handed to `exchange` has the block layout [N * C, ...]: block n (rows n*C … n*C+C-1)
+goes to device n, and block n of the result came from device n. Rows used in a block sit at its
+start (`send_counts[n]` of them), so a ragged transport can move only those.
+
+All arrays of one call travel as one message: they are bit-packed into 32-bit words side by
+side, so a dispatch (rows + expert ids + weights) costs a single collective. The backward of an
+exchange is the same exchange run in reverse, on the float cotangents only.
+
+* "dense":  `jax.lax.all_to_all` of the whole buffers; runs everywhere.
+* "ragged": `jax.lax.ragged_all_to_all` of the used rows only (GPU/TPU). XLA:CPU lacks it, so on
+  CPU an emulation with the same arguments and semantics stands in (`ragged_all_to_all_emulated`).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+WORD = jnp.uint32
+
+
+def _to_words(x: jax.Array) -> jax.Array:
+    """[R, ...] → [R, words] uint32, bit-exact."""
+    rows = x.shape[0]
+    flat = x.reshape(rows, -1)
+    bits = jnp.dtype(x.dtype).itemsize * 8
+    if bits == 32:
+        return jax.lax.bitcast_convert_type(flat, WORD)
+    if bits == 16:
+        if flat.shape[1] % 2:
+            flat = jnp.pad(flat, ((0, 0), (0, 1)))
+        return jax.lax.bitcast_convert_type(flat.reshape(rows, -1, 2), WORD)
+    raise ValueError(f"transport packs 16- and 32-bit dtypes; got {x.dtype}. Cast first.")
+
+
+def _from_words(words: jax.Array, like: jax.ShapeDtypeStruct) -> jax.Array:
+    rows = words.shape[0]
+    dtype = jnp.dtype(like.dtype)
+    width = int(np.prod(like.shape[1:], dtype=np.int64))
+    if dtype.itemsize == 4:
+        flat = jax.lax.bitcast_convert_type(words, dtype)
+    else:
+        flat = jax.lax.bitcast_convert_type(words, dtype).reshape(rows, -1)[:, :width]
+    return flat.reshape(like.shape)
+
+
+def _word_count(like) -> int:
+    width = int(np.prod(like.shape[1:], dtype=np.int64))
+    return width if jnp.dtype(like.dtype).itemsize == 4 else (width + 1) // 2
+
+
+def pack(arrays) -> jax.Array:
+    return jnp.concatenate([_to_words(a) for a in arrays], axis=1)
+
+
+def unpack(words: jax.Array, likes) -> list[jax.Array]:
+    out, start = [], 0
+    for like in likes:
+        n = _word_count(like)
+        out.append(_from_words(words[:, start:start + n], like))
+        start += n
+    return out
+
+
+def row_bytes(arrays) -> int:
+    """Bytes one packed row occupies on the wire."""
+    return 4 * sum(_word_count(a) for a in arrays)
+
+
+# --- the collectives ---------------------------------------------------------------------------
+
+
+def ragged_all_to_all_emulated(operand, output, input_offsets, send_sizes, output_offsets,
+                               recv_sizes, *, axis_name):
+    """`jax.lax.ragged_all_to_all` built from dense collectives, for backends that lack it.
+
+    Same arguments and result: device i sends operand[input_offsets[j] : +send_sizes[j]] to
+    device j, which writes it at output[output_offsets[j] (as given by i) : +…]; the rest of
+    `output` is kept.
+    """
+    del recv_sizes  # implied by the senders' sizes, as in the primitive
+    num = input_offsets.shape[0]
+    rows = operand.shape[0]
+    take = jnp.arange(rows)
+    chunks = jax.vmap(lambda off: jnp.take(operand, off + take, axis=0, mode="fill",
+                                           fill_value=0))(input_offsets)  # [N, rows, W]
+    meta = jnp.stack([send_sizes, output_offsets], axis=1)  # [N, 2]
+    chunks = jax.lax.all_to_all(chunks, axis_name, 0, 0, tiled=False)
+    meta = jax.lax.all_to_all(meta, axis_name, 0, 0, tiled=False)
+    sizes, offsets = meta[:, 0], meta[:, 1]
+    dest = jnp.where(take[None, :] < sizes[:, None], offsets[:, None] + take[None, :],
+                     output.shape[0])
+    return output.at[dest.reshape(-1)].set(chunks.reshape(num * rows, -1), mode="drop")
+
+
+def _ragged_primitive():
+    if jax.default_backend() == "cpu":
+        return ragged_all_to_all_emulated
+    return jax.lax.ragged_all_to_all
+
+
+def _move(words, kind, axis_name, send_counts, recv_counts):
+    if kind == "dense":
+        return jax.lax.all_to_all(words, axis_name, 0, 0, tiled=True)
+    num = send_counts.shape[0]
+    capacity = words.shape[0] // num
+    me = jax.lax.axis_index(axis_name)
+    starts = (jnp.arange(num) * capacity).astype(jnp.int32)
+    output = jnp.zeros_like(words)
+    return _ragged_primitive()(
+        words, output, starts, send_counts.astype(jnp.int32),
+        jnp.full((num,), me * capacity, jnp.int32), recv_counts.astype(jnp.int32),
+        axis_name=axis_name)
+
+
+def exchange_counts(send_counts: jax.Array, axis_name: str) -> jax.Array:
+    """Each device's send_counts [N] → the rows it will receive from each peer [N]."""
+    return jax.lax.all_to_all(send_counts, axis_name, 0, 0, tiled=True)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _exchange(floats, ints, send_counts, recv_counts, kind, axis_name):
+    likes = [*floats, *ints]
+    words = _move(pack(likes), kind, axis_name, send_counts, recv_counts)
+    out = unpack(words, likes)
+    return tuple(out[: len(floats)]), tuple(out[len(floats):])
+
+
+def _exchange_fwd(floats, ints, send_counts, recv_counts, kind, axis_name):
+    out = _exchange(floats, ints, send_counts, recv_counts, kind, axis_name)
+    return out, (send_counts, recv_counts, ints)
+
+
+def _exchange_bwd(kind, axis_name, residuals, cotangents):
+    send_counts, recv_counts, ints = residuals
+    g_floats, _ = cotangents
+    words = _move(pack(g_floats), kind, axis_name, recv_counts, send_counts)
+    g_back = tuple(unpack(words, g_floats))
+    return g_back, jax.tree.map(lambda _: None, ints), None, None
+
+
+_exchange.defvjp(_exchange_fwd, _exchange_bwd)
+
+
+def exchange(floats, ints, *, kind: str, axis_name: str, send_counts: jax.Array,
+             recv_counts: jax.Array | None = None):
+    """Send block n of every array to device n; differentiable in `floats`.
+
+    Returns (floats, ints, recv_counts). For the ragged transport `recv_counts` is exchanged
+    first when not given; the dense transport needs none and returns None.
+    """
+    floats, ints = tuple(floats), tuple(ints)
+    if kind == "ragged" and recv_counts is None:
+        recv_counts = exchange_counts(send_counts, axis_name)
+    if kind == "dense":
+        recv_counts = send_counts  # unused by the dense move; keeps the signature uniform
+    out_floats, out_ints = _exchange(floats, ints, send_counts, recv_counts, kind, axis_name)
+    return out_floats, out_ints, (recv_counts if kind == "ragged" else None)
