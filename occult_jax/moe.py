@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -102,7 +103,7 @@ class MoELayer(nnx.Module):
         x2d = x.reshape(-1, cfg.d_model).astype(jnp.dtype(cfg.dtype))
         weights, placement = self.expert_weights(), self.placement[...]
         if cfg.dispatch == "reference":
-            y, stats = reference_moe(x2d, weights, placement, cfg, self.num_devices)
+            y, stats = _reference_fn(cfg, self.num_devices)(x2d, weights, placement)
         else:
             y, stats = self._expert_parallel(x2d, weights, placement)
         if self.shared is not None:
@@ -120,12 +121,21 @@ class MoELayer(nnx.Module):
             capacity=config_lib.peer_capacity(cfg, x2d.shape[0] // mesh.size, self.num_devices),
             backend=resolve_backend(cfg.expert_matmul),
         )
-        tokens = mesh_lib.token_spec(mesh)
-        experts = mesh_lib.expert_spec(cfg.expert_axis)
-        weight_specs = ExpertWeights(PartitionSpec(), experts, experts, experts)
+        return _expert_parallel_fn(cfg, layout, mesh)(x2d, weights, placement)
 
-        def local(x, w, p):
-            return expert_parallel_moe(x, w, p, cfg, layout)
 
-        return jax.shard_map(local, mesh=mesh, in_specs=(tokens, weight_specs, PartitionSpec()),
-                             out_specs=(tokens, PartitionSpec()))(x2d, weights, placement)
+@functools.lru_cache(maxsize=128)
+def _expert_parallel_fn(cfg: MoEConfig, layout: Layout, mesh: Mesh):
+    """The shard_map'd layer, jitted once per (config, layout, mesh): eager calls stay fast."""
+    tokens = mesh_lib.token_spec(mesh)
+    experts = mesh_lib.expert_spec(cfg.expert_axis)
+    weight_specs = ExpertWeights(PartitionSpec(), experts, experts, experts)
+    local = functools.partial(expert_parallel_moe, cfg=cfg, layout=layout)
+    return jax.jit(jax.shard_map(local, mesh=mesh,
+                                 in_specs=(tokens, weight_specs, PartitionSpec()),
+                                 out_specs=(tokens, PartitionSpec())))
+
+
+@functools.lru_cache(maxsize=128)
+def _reference_fn(cfg: MoEConfig, num_devices: int):
+    return jax.jit(functools.partial(reference_moe, cfg=cfg, num_devices=num_devices))

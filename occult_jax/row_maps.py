@@ -58,11 +58,12 @@ def reduce_rows(b: jax.Array, a_dst: jax.Array, b_src: jax.Array,
 
 def _reduce_fwd(b, a_dst, b_src, b_weight=None):
     out = _sum_links(b, a_dst, b_weight).astype(b.dtype)
-    return out, (b, a_dst, b_src, b_weight)
+    saved_b = None if b_weight is None else b  # b is only needed for the weight gradient
+    return out, (saved_b, b_src, b_weight, jnp.zeros((), b.dtype))
 
 
 def _reduce_bwd(residuals, g_a):
-    b, a_dst, b_src, b_weight = residuals
+    b, b_src, b_weight, dtype_of_b = residuals
     g_per_b = _take(g_a, b_src).astype(jnp.float32)  # [B, d]
     g_weight = None
     if b_weight is None:
@@ -70,7 +71,7 @@ def _reduce_bwd(residuals, g_a):
     else:
         g_b = g_per_b * b_weight.astype(jnp.float32)[:, None]
         g_weight = jnp.sum(g_per_b * b.astype(jnp.float32), axis=-1).astype(b_weight.dtype)
-    return g_b.astype(b.dtype), None, None, g_weight
+    return g_b.astype(dtype_of_b.dtype), None, None, g_weight
 
 
 reduce_rows.defvjp(_reduce_fwd, _reduce_bwd)

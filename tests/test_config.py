@@ -1,0 +1,62 @@
+"""Bad input gets a one-line error that says what to change, before anything compiles."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import mesh_or_skip
+from flax import nnx
+from jax.sharding import AxisType, Mesh
+
+import occult_jax as oj
+
+
+@pytest.mark.parametrize("changes,needle", [
+    ({"top_k": 9}, "top_k=9 exceeds num_experts=8"),
+    ({"dispatch": "fast"}, "dispatch='fast' is unknown"),
+    ({"transport": "nvlink"}, "transport='nvlink' is unknown"),
+    ({"capacity_factor": 0.0}, "capacity_factor=0.0 must be > 0"),
+    ({"num_experts": 0}, "num_experts=0 must be a positive integer"),
+    ({"expert_matmul": "cublas"}, "expert_matmul='cublas' is unknown"),
+])
+def test_bad_config_values(changes, needle):
+    with pytest.raises(ValueError, match=needle) as info:
+        oj.MoEConfig(**changes)
+    assert "\n" not in str(info.value)
+
+
+def test_experts_not_divisible_by_expert_axis():
+    mesh = mesh_or_skip(4)
+    with pytest.raises(ValueError, match="num_experts=6 is not divisible by the 'expert' axis"):
+        oj.MoELayer(oj.MoEConfig(num_experts=6, top_k=2), mesh=mesh, rngs=nnx.Rngs(0))
+
+
+def test_mesh_without_expert_axis():
+    mesh = Mesh(np.asarray(jax.devices()[:2]), ("x",), axis_types=(AxisType.Auto,))
+    with pytest.raises(ValueError, match="no 'expert' axis"):
+        oj.MoELayer(oj.MoEConfig(), mesh=mesh, rngs=nnx.Rngs(0))
+
+
+def test_tokens_not_divisible_by_mesh():
+    mesh = mesh_or_skip(4, 2)
+    layer = oj.MoELayer(oj.MoEConfig(d_model=16), mesh=mesh, rngs=nnx.Rngs(0))
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((1, 12, 16)), jnp.float32)
+    with pytest.raises(ValueError, match=r"token count 12 .* not divisible by the 8 devices"):
+        layer(x)
+
+
+def test_wrong_model_width():
+    mesh = mesh_or_skip(2)
+    layer = oj.MoELayer(oj.MoEConfig(d_model=16), mesh=mesh, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="d_model=16"):
+        layer(jnp.ones((2, 4, 8)))
+
+
+def test_expert_parallel_dispatch_needs_mesh():
+    with pytest.raises(ValueError, match="needs a mesh"):
+        oj.MoELayer(oj.MoEConfig(dispatch="occult"), rngs=nnx.Rngs(0))
+
+
+def test_make_mesh_too_large():
+    with pytest.raises(ValueError, match=r"needs .* devices"):
+        oj.make_mesh(expert=jax.device_count(), data=2)
