@@ -8,7 +8,7 @@ import math
 DISPATCHES = ("reference", "standard", "occult")
 TRANSPORTS = ("dense", "ragged")
 SCORE_FNS = ("softmax", "sigmoid")
-EXPERT_MATMULS = ("auto", "ragged_dot", "einsum")
+EXPERT_MATMULS = ("auto", "ragged_dot", "blocked", "einsum")
 DTYPES = ("float32", "bfloat16", "float16")
 
 

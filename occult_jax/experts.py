@@ -5,17 +5,32 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from occult_jax.blocked_gmm import blocked_gmm
+from occult_jax.plan import ExpertPlan
+
 
 def swiglu(x: jax.Array, w_gate: jax.Array, w_up: jax.Array, w_down: jax.Array) -> jax.Array:
     """Dense SwiGLU: x [..., d] with w_gate/w_up [d, f], w_down [f, d]."""
     return jnp.dot(jax.nn.silu(jnp.dot(x, w_gate)) * jnp.dot(x, w_up), w_down)
 
 
+BLOCKED_ROWS = 256  # rows per expert-aligned block of the "blocked" backend
+BLOCKED_CHUNK = 32  # blocks per batched product (one loop step) of the "blocked" backend
+
+
 def resolve_backend(name: str) -> str:
-    """"auto" → the fastest grouped matmul available on this backend."""
+    """"auto" → the fastest grouped matmul available on this platform."""
     if name != "auto":
         return name
-    return "ragged_dot"
+    return "ragged_dot" if jax.default_backend() == "cpu" else "blocked"
+
+
+def row_layout(backend: str) -> tuple[int, int]:
+    """(block, align): each expert's rows start on a multiple of `block`, and the item buffer
+    length is a multiple of `align`; (1, 1) for backends that need neither."""
+    if backend == "blocked":
+        return BLOCKED_ROWS, BLOCKED_ROWS * BLOCKED_CHUNK
+    return 1, 1
 
 
 def _group_ids(group_sizes: jax.Array, rows: int) -> jax.Array:
@@ -31,21 +46,25 @@ def _einsum_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array) -> jax.Ar
     return jnp.einsum("md,gdf,mg->mf", x, w, mask)
 
 
-def grouped_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array, backend: str) -> jax.Array:
-    """x [M, K] rows sorted by group, w [G, K, N], group_sizes [G] (Σ ≤ M) → [M, N].
+def grouped_matmul(x: jax.Array, w: jax.Array, groups: ExpertPlan, backend: str) -> jax.Array:
+    """x [M, K] rows laid out group after group (see ExpertPlan), w [G, K, N] → [M, N].
 
-    Rows past Σ group_sizes give zeros.
+    Rows past the groups give zeros.
     """
     if backend == "ragged_dot":
-        return jax.lax.ragged_dot(x, w, group_sizes)
+        return jax.lax.ragged_dot(x, w, groups.group_sizes)
     if backend == "einsum":
-        return _einsum_matmul(x, w, group_sizes)
-    raise ValueError(f"unknown expert_matmul backend {backend!r}; use 'ragged_dot' or 'einsum'.")
+        return _einsum_matmul(x, w, groups.group_sizes)
+    if backend == "blocked":
+        return blocked_gmm(x, w, groups.block_group, groups.used_blocks, BLOCKED_ROWS,
+                           BLOCKED_CHUNK)
+    raise ValueError(f"unknown expert_matmul backend {backend!r}; use one of "
+                     "'ragged_dot', 'blocked', 'einsum'.")
 
 
-def grouped_swiglu(x: jax.Array, group_sizes: jax.Array, w_gate: jax.Array, w_up: jax.Array,
+def grouped_swiglu(x: jax.Array, groups: ExpertPlan, w_gate: jax.Array, w_up: jax.Array,
                    w_down: jax.Array, backend: str) -> jax.Array:
-    """SwiGLU of each row with its group's expert: x [M, d] sorted by group → [M, d]."""
-    gate = grouped_matmul(x, w_gate, group_sizes, backend)
-    up = grouped_matmul(x, w_up, group_sizes, backend)
-    return grouped_matmul(jax.nn.silu(gate) * up, w_down, group_sizes, backend)
+    """SwiGLU of each row with its group's expert: x [M, d] grouped by expert → [M, d]."""
+    gate = grouped_matmul(x, w_gate, groups, backend)
+    up = grouped_matmul(x, w_up, groups, backend)
+    return grouped_matmul(jax.nn.silu(gate) * up, w_down, groups, backend)

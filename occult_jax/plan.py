@@ -95,24 +95,66 @@ def make_plan(expert_ids: jax.Array, weights: jax.Array, expert_slot: jax.Array,
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class ExpertPlan:
-    """Received rows expanded to (row, local expert) items, grouped by local expert."""
+    """Received rows expanded to (row, local expert) items, grouped by local expert.
 
-    item_row: jax.Array  # [M] received row of each sorted item, -1 for padding items
-    row_items: jax.Array  # [R, pairs] sorted position of each (row, pair), -1 if empty
-    order: jax.Array  # [M] flat (row, pair) index of each sorted item
-    group_sizes: jax.Array  # [E_local] items per local expert
+    Items are laid out group after group; with `block > 1` each group starts on a multiple of
+    `block` (padding items between groups are empty), so every block of rows has one expert.
+    """
+
+    item_row: jax.Array  # [M] received row of each item, -1 for padding
+    item_pair: jax.Array  # [M] flat (row, pair) index of each item, -1 for padding
+    row_items: jax.Array  # [R, pairs] item position of each (row, pair), -1 if empty
+    group_sizes: jax.Array  # [E_local] rows each expert owns in the layout (padding included)
+    block_group: jax.Array  # [M / block] expert of each row block
+    used_blocks: jax.Array  # [] number of leading blocks that hold items
 
 
-def make_expert_plan(slot_expert: jax.Array, experts_per_device: int) -> ExpertPlan:
-    """slot_expert [R, pairs] (received) → items sorted by local expert, padding last."""
+def expert_items_bound(rows: int, pairs: int, experts_per_device: int, block: int,
+                       align: int = 1) -> int:
+    """Static item-buffer length: every (row, pair), plus up to block − 1 padding per expert,
+    rounded up to a multiple of `align` rows."""
+    items = rows * pairs
+    if block > 1:
+        items += experts_per_device * (block - 1)
+    return -(-items // align) * align
+
+
+def make_expert_plan(slot_expert: jax.Array, experts_per_device: int,
+                     block: int = 1, align: int = 1) -> ExpertPlan:
+    """slot_expert [R, pairs] (received; -1 = empty) → items grouped by local expert.
+
+    `align` (a multiple of `block`) rounds the item buffer's length, for backends that step
+    through it in chunks of blocks.
+    """
     rows, pairs = slot_expert.shape
+    groups = experts_per_device
     flat = slot_expert.reshape(-1)
     valid = flat >= 0
-    key = jnp.where(valid, flat, experts_per_device)
+    key = jnp.where(valid, flat, groups)
     order = jnp.argsort(key, stable=True).astype(jnp.int32)
-    sorted_valid = valid[order]
-    item_row = jnp.where(sorted_valid, order // pairs, -1)
-    position = jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0], dtype=jnp.int32))
-    row_items = jnp.where(valid, position, -1).reshape(rows, pairs)
-    group_sizes = jnp.bincount(key, length=experts_per_device + 1)[:experts_per_device]
-    return ExpertPlan(item_row, row_items, order, group_sizes.astype(jnp.int32))
+    sizes = jnp.bincount(key, length=groups + 1)[:groups].astype(jnp.int32)
+    padded = -(-sizes // block) * block
+    starts = jnp.cumsum(sizes) - sizes
+    padded_starts = jnp.cumsum(padded) - padded
+
+    sorted_key = key[order]
+    sorted_valid = sorted_key < groups
+    group = jnp.minimum(sorted_key, groups - 1)
+    rank = jnp.arange(order.shape[0], dtype=jnp.int32) - starts[group]
+    length = expert_items_bound(rows, pairs, groups, block, align)
+    dest = jnp.where(sorted_valid, padded_starts[group] + rank, length)
+
+    item_pair = jnp.full((length,), -1, jnp.int32).at[dest].set(order, mode="drop")
+    item_row = jnp.where(item_pair >= 0, item_pair // pairs, -1)
+    row_items = jnp.full((rows * pairs,), -1, jnp.int32).at[order].set(
+        jnp.where(sorted_valid, dest, -1)).reshape(rows, pairs)
+    block_starts = jnp.arange(length // block, dtype=jnp.int32) * block
+    block_group = jnp.searchsorted(jnp.cumsum(padded), block_starts, side="right")
+    return ExpertPlan(
+        item_row=item_row,
+        item_pair=item_pair,
+        row_items=row_items,
+        group_sizes=padded,
+        block_group=jnp.minimum(block_group, groups - 1).astype(jnp.int32),
+        used_blocks=(jnp.sum(padded) // block).astype(jnp.int32),
+    )

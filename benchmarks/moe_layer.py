@@ -1,0 +1,139 @@
+"""MoE layer speed: dispatch modes × transports × shapes, forward and forward+backward.
+
+  python benchmarks/moe_layer.py --shapes olmoe,qwen,deepseek --tokens 16384
+
+Prints one table (ms, wire bytes, C_T, drops, max |y − y_first|) and writes it as JSON with --out.
+All variants of a shape share the same weights and input, so their outputs must agree.
+On GPUs, the ragged transport uses XLA's decomposer (see docs/benchmarks.md); pass
+--no-ragged-decomposer to measure the default lowering.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+
+SHAPES = {  # name: (experts, top_k, d_model, d_ff, shared experts, shared width each)
+    "olmoe": (64, 8, 2048, 1024, 0, 0),
+    "qwen": (60, 4, 2048, 1408, 1, 5632),
+    "deepseek": (64, 6, 2048, 1408, 2, 1408),
+    "tiny": (16, 4, 64, 32, 0, 0),
+}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--shapes", default="olmoe,qwen,deepseek")
+    p.add_argument("--tokens", type=int, default=16384, help="tokens per device")
+    p.add_argument("--modes", default="standard,occult")
+    p.add_argument("--transports", default="dense,ragged")
+    p.add_argument("--passes", default="fwd,fwd+bwd")
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--expert-matmul", default="auto")
+    p.add_argument("--capacity-factor", type=float, default=None)
+    p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--devices", type=int, default=None, help="expert-axis size (default: all)")
+    p.add_argument("--no-ragged-decomposer", action="store_true")
+    p.add_argument("--out", default=None, help="write the rows as JSON here")
+    return p.parse_args(argv)
+
+
+def setup_env(args):
+    """XLA flags must be set before JAX initialises its backends."""
+    os.environ.setdefault("NCCL_NVLS_ENABLE", "0")  # NVLink multicast stays off
+    if shutil.which("nvidia-smi") and not args.no_ragged_decomposer:
+        flag = "--xla_gpu_unsupported_enable_ragged_all_to_all_decomposer=true"
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + flag).strip()
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    setup_env(args)
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from flax import nnx
+
+    import occult_jax as oj
+
+    def timed(fn, *a):
+        jax.block_until_ready(fn(*a))
+        jax.block_until_ready(fn(*a))
+        times = []
+        for _ in range(args.iters):
+            t0 = time.perf_counter()
+            jax.block_until_ready(fn(*a))
+            times.append(time.perf_counter() - t0)
+        return 1e3 * float(np.median(times))
+
+    n = args.devices or jax.device_count()
+    mesh = oj.make_mesh(expert=n, data=1)
+    print(f"jax {jax.__version__} on {n} × {jax.devices()[0].device_kind}; "
+          f"{args.tokens} tokens/device; XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}",
+          flush=True)
+    rows = []
+    for shape in args.shapes.split(","):
+        e, k, d, f, shared, shared_f = SHAPES[shape]
+        x = jax.random.normal(jax.random.key(1), (n * args.tokens, d), jnp.float32)
+        x = jax.device_put(x.astype(args.dtype), oj.mesh.sharding(mesh, oj.mesh.token_spec(mesh)))
+        cot = jax.random.normal(jax.random.key(2), x.shape, jnp.float32).astype(args.dtype)
+        first = None
+        for mode in args.modes.split(","):
+            for transport in args.transports.split(","):
+                cfg = oj.MoEConfig(num_experts=e, top_k=k, d_model=d, d_ff=f, dispatch=mode,
+                                   transport=transport, num_shared_experts=shared,
+                                   shared_d_ff=shared_f or None, dtype=args.dtype,
+                                   expert_matmul=args.expert_matmul,
+                                   capacity_factor=args.capacity_factor)
+                layer = oj.MoELayer(cfg, mesh=mesh, rngs=nnx.Rngs(0))
+                graphdef, params, rest = nnx.split(layer, nnx.Param, ...)
+
+                def forward(p, x, graphdef=graphdef, rest=rest):
+                    return nnx.merge(graphdef, p, rest)(x)
+
+                def loss(p, x, cot, forward=forward):
+                    y, _ = forward(p, x)
+                    return jnp.sum(y.astype(jnp.float32) * cot.astype(jnp.float32))
+
+                fwd = jax.jit(forward)
+                step = jax.jit(jax.grad(loss, argnums=(0, 1)))
+                y, stats = fwd(params, x)
+                y = np.asarray(y.astype(jnp.float32))
+                first = y if first is None else first
+                row = {"shape": shape, "mode": mode, "transport": transport,
+                       "ct": float(stats["ct"]), "wire_MB": float(stats["wire_bytes"]) / 1e6,
+                       "dropped": int(stats["dropped"]),
+                       "max_diff": float(np.abs(y - first).max())}
+                for name in args.passes.split(","):
+                    call = (fwd, params, x) if name == "fwd" else (step, params, x, cot)
+                    row[name + "_ms"] = timed(*call)
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+    print_table(rows, args.passes.split(","))
+    if args.out:
+        with open(args.out, "w") as fh:
+            json.dump(rows, fh, indent=1)
+
+
+def print_table(rows, passes):
+    base = {}
+    head = (f"{'shape':9} {'mode':9} {'transport':9} {'C_T':>5} {'wire MB':>9} {'drop':>5} "
+            f"{'max|Δy|':>8} " + " ".join(f"{p + ' ms':>11} {'×':>5}" for p in passes))
+    print("\n" + head + "\n" + "-" * len(head))
+    for r in rows:
+        key = (r["shape"], r["transport"])
+        base.setdefault(key, r)
+        cells = " ".join(f"{r[p + '_ms']:11.2f} {base[key][p + '_ms'] / r[p + '_ms']:5.2f}"
+                         for p in passes)
+        print(f"{r['shape']:9} {r['mode']:9} {r['transport']:9} {r['ct']:5.2f} "
+              f"{r['wire_MB']:9.1f} {r['dropped']:5d} {r['max_diff']:8.1e} {cells}")
+    print("× = speed-up over the first mode on the same shape and transport")
+
+
+if __name__ == "__main__":
+    main()
