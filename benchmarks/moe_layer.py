@@ -11,6 +11,7 @@ On GPUs, the ragged transport uses XLA's decomposer (see docs/benchmarks.md); pa
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shutil
@@ -38,6 +39,9 @@ def parse_args(argv=None):
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--devices", type=int, default=None, help="expert-axis size (default: all)")
     p.add_argument("--no-ragged-decomposer", action="store_true")
+    p.add_argument("--breakdown", action="store_true",
+                   help="also time each variant with identity experts (route + plan + exchange "
+                        "only); the difference is the expert compute and its gathers")
     p.add_argument("--out", default=None, help="write the rows as JSON here")
     return p.parse_args(argv)
 
@@ -112,12 +116,21 @@ def main(argv=None):
                 for name in args.passes.split(","):
                     call = (fwd, params, x) if name == "fwd" else (step, params, x, cot)
                     row[name + "_ms"] = timed(*call)
+                if args.breakdown:
+                    layout = dataclasses.replace(layout_of(layer, x), identity_experts=True)
+                    exchange_only = oj.moe.expert_parallel_fn(cfg, layout, mesh)
+                    row["exchange_only_fwd_ms"] = timed(
+                        exchange_only, x, layer.expert_weights(), layer.placement[...])
                 rows.append(row)
                 print(json.dumps(row), flush=True)
     print_table(rows, args.passes.split(","))
     if args.out:
         with open(args.out, "w") as fh:
             json.dump(rows, fh, indent=1)
+
+
+def layout_of(layer, x):
+    return layer.layout(x.shape[0])
 
 
 def print_table(rows, passes):
@@ -131,7 +144,9 @@ def print_table(rows, passes):
         cells = " ".join(f"{r[p + '_ms']:11.2f} {base[key][p + '_ms'] / r[p + '_ms']:5.2f}"
                          for p in passes)
         print(f"{r['shape']:9} {r['mode']:9} {r['transport']:9} {r['ct']:5.2f} "
-              f"{r['wire_MB']:9.1f} {r['dropped']:5d} {r['max_diff']:8.1e} {cells}")
+              f"{r['wire_MB']:9.1f} {r['dropped']:5d} {r['max_diff']:8.1e} {cells}"
+              + (f"  exchange-only fwd {r['exchange_only_fwd_ms']:.2f} ms"
+                 if "exchange_only_fwd_ms" in r else ""))
     print("× = speed-up over the first mode on the same shape and transport")
 
 

@@ -37,6 +37,7 @@ class Layout:
     num_devices: int  # size of the expert axis
     capacity: int  # rows per peer block
     backend: str  # grouped-matmul backend
+    identity_experts: bool = False  # benchmarks only: rows return unchanged (times the exchange)
 
 
 def compute_experts(rows: jax.Array, slot_expert: jax.Array, slot_weight: jax.Array,
@@ -74,7 +75,10 @@ def expert_parallel_moe(x: jax.Array, weights: ExpertWeights, expert_slot: jax.A
         filled = block_row < jnp.repeat(recv_counts, layout.capacity)
         slot_expert = jnp.where(filled[:, None], slot_expert, -1)
 
-    out_rows = compute_experts(rows, slot_expert, slot_weight, weights, layout.backend)
+    if layout.identity_experts:
+        out_rows = rows
+    else:
+        out_rows = compute_experts(rows, slot_expert, slot_weight, weights, layout.backend)
 
     (back_rows,), _, _ = exchange(
         (out_rows,), (), kind=cfg.transport, axis_name=axis,

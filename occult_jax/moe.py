@@ -110,22 +110,26 @@ class MoELayer(nnx.Module):
             y = y + self.shared(x2d)
         return y.reshape(shape).astype(x.dtype), stats
 
-    def _expert_parallel(self, x2d, weights, placement):
+    def layout(self, num_tokens: int) -> Layout:
+        """The static layout of a call on `num_tokens` tokens (validated first)."""
         cfg, mesh = self.cfg, self.mesh
         config_lib.validate_for_mesh(cfg, tuple(mesh.axis_names), self.num_devices, mesh.size,
-                                     x2d.shape[0])
-        layout = Layout(
+                                     num_tokens)
+        return Layout(
             axis_name=cfg.expert_axis,
             all_axes=tuple(mesh.axis_names),
             num_devices=self.num_devices,
-            capacity=config_lib.peer_capacity(cfg, x2d.shape[0] // mesh.size, self.num_devices),
+            capacity=config_lib.peer_capacity(cfg, num_tokens // mesh.size, self.num_devices),
             backend=resolve_backend(cfg.expert_matmul),
         )
-        return _expert_parallel_fn(cfg, layout, mesh)(x2d, weights, placement)
+
+    def _expert_parallel(self, x2d, weights, placement):
+        layout = self.layout(x2d.shape[0])
+        return expert_parallel_fn(self.cfg, layout, self.mesh)(x2d, weights, placement)
 
 
 @functools.lru_cache(maxsize=128)
-def _expert_parallel_fn(cfg: MoEConfig, layout: Layout, mesh: Mesh):
+def expert_parallel_fn(cfg: MoEConfig, layout: Layout, mesh: Mesh):
     """The shard_map'd layer, jitted once per (config, layout, mesh): eager calls stay fast."""
     tokens = mesh_lib.token_spec(mesh)
     experts = mesh_lib.expert_spec(cfg.expert_axis)
