@@ -14,8 +14,8 @@ def swiglu(x: jax.Array, w_gate: jax.Array, w_up: jax.Array, w_down: jax.Array) 
     return jnp.dot(jax.nn.silu(jnp.dot(x, w_gate)) * jnp.dot(x, w_up), w_down)
 
 
-BLOCKED_ROWS = 256  # rows per expert-aligned block of the "blocked" backend
-BLOCKED_CHUNK = 32  # blocks per batched product (one loop step) of the "blocked" backend
+BLOCKED_ROWS = 1024  # rows per expert-aligned block of the "blocked" backend
+BLOCKED_CHUNK = 8  # blocks per batched product (one loop step) of the "blocked" backend
 
 
 def resolve_backend(name: str) -> str:
