@@ -9,6 +9,7 @@ DISPATCHES = ("reference", "standard", "occult")
 TRANSPORTS = ("dense", "ragged")
 SCORE_FNS = ("softmax", "sigmoid")
 EXPERT_MATMULS = ("auto", "ragged_dot", "blocked", "einsum")
+PRUNE_RULES = ("score", "group_score", "similarity")
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -39,6 +40,8 @@ class MoEConfig:
     shared_d_ff: int | None = None  # width of each shared expert; defaults to d_ff
     shared_expert_gate: bool = False  # Qwen2-MoE style sigmoid gate on the shared output
     expert_matmul: str = "auto"
+    max_devices_per_token: int | None = None  # collaboration pruning: cap devices per token
+    prune_rule: str = "score"  # "score" | "group_score" | "similarity" (see pruning.py)
     dtype: str = "float32"  # compute dtype of activations and expert matmuls
     param_dtype: str = "float32"
     aux_loss_weight: float = 0.01
@@ -78,6 +81,10 @@ def validate(cfg: MoEConfig) -> None:
     _one_of("transport", cfg.transport, TRANSPORTS)
     _one_of("score_fn", cfg.score_fn, SCORE_FNS)
     _one_of("expert_matmul", cfg.expert_matmul, EXPERT_MATMULS)
+    _one_of("prune_rule", cfg.prune_rule, PRUNE_RULES)
+    _require(cfg.max_devices_per_token is None or cfg.max_devices_per_token >= 1,
+             f"MoEConfig.max_devices_per_token={cfg.max_devices_per_token!r} must be >= 1, "
+             "or None for no cap.")
     _one_of("dtype", cfg.dtype, DTYPES)
     _one_of("param_dtype", cfg.param_dtype, DTYPES)
     _require(cfg.capacity_factor is None or cfg.capacity_factor > 0,
@@ -96,6 +103,11 @@ def validate_for_mesh(cfg: MoEConfig, axis_names: tuple[str, ...], expert_axis_s
     _require(cfg.num_experts % expert_axis_size == 0,
              f"num_experts={cfg.num_experts} is not divisible by the {cfg.expert_axis!r} axis "
              f"size {expert_axis_size}; use a multiple of {expert_axis_size} experts.")
+    cap = cfg.max_devices_per_token
+    _require(cap is None or cap * (cfg.num_experts // expert_axis_size) >= cfg.top_k,
+             f"max_devices_per_token={cap} devices hold {cap} × "
+             f"{cfg.num_experts // max(expert_axis_size, 1)} experts, fewer than top_k="
+             f"{cfg.top_k}; raise the cap or lower top_k.")
     _require(num_tokens % num_devices == 0,
              f"token count {num_tokens} (batch × seq) is not divisible by the {num_devices} "
              f"devices of the mesh; use a batch × seq that is a multiple of {num_devices}.")

@@ -26,6 +26,7 @@ class ExpertWeights:
     w_gate: jax.Array  # [E, d, f], physical slot order
     w_up: jax.Array  # [E, d, f]
     w_down: jax.Array  # [E, f, d]
+    similarity: jax.Array  # [E, E] expert similarity for the "similarity" prune rule
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,7 +61,8 @@ def expert_parallel_moe(x: jax.Array, weights: ExpertWeights, expert_slot: jax.A
     n, axis = layout.num_devices, layout.axis_name
     experts_per_device = cfg.num_experts // n
 
-    routing = routing_lib.route(x, weights.router, cfg)
+    routing = routing_lib.route(x, weights.router, cfg, expert_slot // experts_per_device, n,
+                                weights.similarity)
     plan = plan_lib.make_plan(
         routing.expert_ids, routing.weights, expert_slot, num_devices=n,
         experts_per_device=experts_per_device, capacity=layout.capacity,
@@ -123,7 +125,9 @@ def reference_moe(x: jax.Array, weights: ExpertWeights, expert_slot: jax.Array,
     The ground truth other dispatches are tested against. `num_devices` only feeds `stats["ct"]`.
     """
     tokens = x.shape[0]
-    routing = routing_lib.route(x, weights.router, cfg)
+    experts_per_device = cfg.num_experts // num_devices
+    routing = routing_lib.route(x, weights.router, cfg, expert_slot // experts_per_device,
+                                num_devices, weights.similarity)
     combine = jnp.zeros((tokens, cfg.num_experts), jnp.float32).at[
         jnp.arange(tokens)[:, None], routing.expert_ids].add(routing.weights)
     dtype = x.dtype
@@ -134,7 +138,7 @@ def reference_moe(x: jax.Array, weights: ExpertWeights, expert_slot: jax.Array,
 
     terms = routing_lib.loss_terms(routing, cfg.num_experts)
     stats = routing_lib.losses_from_terms(terms, cfg.num_experts)
-    device = expert_slot[routing.expert_ids] // (cfg.num_experts // num_devices)
+    device = expert_slot[routing.expert_ids] // experts_per_device
     distinct = jnp.sum(jax.nn.one_hot(device, num_devices).max(axis=1), axis=-1)
     stats.update(dropped=jnp.int32(0), wire_rows=jnp.int32(0), wire_bytes=jnp.float32(0),
                  ct=jnp.mean(distinct))

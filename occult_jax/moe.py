@@ -12,6 +12,7 @@ from jax.sharding import Mesh, PartitionSpec
 
 from occult_jax import config as config_lib
 from occult_jax import mesh as mesh_lib
+from occult_jax import pruning
 from occult_jax.config import MoEConfig
 from occult_jax.dispatch import ExpertWeights, Layout, expert_parallel_moe, reference_moe
 from occult_jax.experts import resolve_backend, swiglu
@@ -35,6 +36,11 @@ def _placer(mesh: Mesh | None, spec: PartitionSpec):
     if mesh is None:
         return lambda value: value
     return lambda value: jax.device_put(value, mesh_lib.sharding(mesh, spec))
+
+
+class ExpertSimilarity(nnx.Variable):
+    """Non-trainable [E, E] expert similarity from calibration (`MoELayer.calibrate_similarity`);
+    until calibrated, the "similarity" prune rule uses the router-column cosine instead."""
 
 
 class SharedExperts(nnx.Module):
@@ -80,6 +86,8 @@ class MoELayer(nnx.Module):
         self.w_up = nnx.Param(expert_sharding(_normal(rngs, (e, d, f), d, dtype)))
         self.w_down = nnx.Param(expert_sharding(_normal(rngs, (e, f, d), f, dtype)))
         self.placement = ExpertPlacement(replicated(jnp.arange(e, dtype=jnp.int32)))
+        self.similarity = ExpertSimilarity(replicated(jnp.zeros((e, e), jnp.float32)))
+        self.similarity_calibrated = ExpertSimilarity(replicated(jnp.zeros((), jnp.bool_)))
         self.shared = SharedExperts(cfg, rngs=rngs) if cfg.num_shared_experts else None
 
     @staticmethod
@@ -91,8 +99,18 @@ class MoELayer(nnx.Module):
         return 1 if self.mesh is None else self._axis_size(self.cfg, self.mesh)
 
     def expert_weights(self) -> ExpertWeights:
-        return ExpertWeights(self.router[...], self.w_gate[...], self.w_up[...],
-                             self.w_down[...])
+        router = self.router[...]
+        fallback = jax.lax.stop_gradient(pruning.similarity_from_router(router))
+        similarity = jnp.where(self.similarity_calibrated[...], self.similarity[...], fallback)
+        return ExpertWeights(router, self.w_gate[...], self.w_up[...], self.w_down[...],
+                             similarity)
+
+    def calibrate_similarity(self, x: jax.Array) -> None:
+        """Store the cosine similarity of experts' router-logit columns over tokens x [..., d]."""
+        logits = jnp.dot(x.reshape(-1, self.cfg.d_model).astype(jnp.float32),
+                         self.router[...].astype(jnp.float32))
+        self.similarity[...] = pruning.similarity_from_logits(logits)
+        self.similarity_calibrated[...] = jnp.asarray(True)
 
     def __call__(self, x: jax.Array) -> tuple[jax.Array, dict]:
         cfg = self.cfg
@@ -133,7 +151,7 @@ def expert_parallel_fn(cfg: MoEConfig, layout: Layout, mesh: Mesh):
     """The shard_map'd layer, jitted once per (config, layout, mesh): eager calls stay fast."""
     tokens = mesh_lib.token_spec(mesh)
     experts = mesh_lib.expert_spec(cfg.expert_axis)
-    weight_specs = ExpertWeights(PartitionSpec(), experts, experts, experts)
+    weight_specs = ExpertWeights(PartitionSpec(), experts, experts, experts, PartitionSpec())
     local = functools.partial(expert_parallel_moe, cfg=cfg, layout=layout)
     return jax.jit(jax.shard_map(local, mesh=mesh,
                                  in_specs=(tokens, weight_specs, PartitionSpec()),

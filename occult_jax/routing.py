@@ -7,6 +7,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from occult_jax import pruning
 from occult_jax.config import MoEConfig
 
 
@@ -21,8 +22,14 @@ class Routing:
     logits: jax.Array  # [T, E] float32
 
 
-def route(x: jax.Array, router_kernel: jax.Array, cfg: MoEConfig) -> Routing:
-    """x [T, d] → top-k experts and their weights; the router runs in float32."""
+def route(x: jax.Array, router_kernel: jax.Array, cfg: MoEConfig,
+          expert_device: jax.Array | None = None, num_devices: int = 1,
+          similarity: jax.Array | None = None) -> Routing:
+    """x [T, d] → top-k experts and their weights; the router runs in float32.
+
+    With `cfg.max_devices_per_token`, the top-k is device-limited over `expert_device` [E] (the
+    device of each logical expert); see pruning.py for the rules.
+    """
     logits = jnp.dot(x.astype(jnp.float32), router_kernel.astype(jnp.float32))
     if cfg.score_fn == "softmax":
         raw = jax.nn.softmax(logits, axis=-1)
@@ -30,7 +37,12 @@ def route(x: jax.Array, router_kernel: jax.Array, cfg: MoEConfig) -> Routing:
     else:
         raw = jax.nn.sigmoid(logits)
         scores = raw / jnp.sum(raw, axis=-1, keepdims=True)
-    top_raw, expert_ids = jax.lax.top_k(raw, cfg.top_k)
+    cap = cfg.max_devices_per_token
+    if cap is not None and cap < num_devices:
+        top_raw, expert_ids = pruning.limited_top_k(
+            raw, expert_device, num_devices, cfg.prune_rule, cfg.top_k, cap, similarity)
+    else:
+        top_raw, expert_ids = jax.lax.top_k(raw, cfg.top_k)
     weights = top_raw
     if cfg.renormalize:
         weights = top_raw / jnp.sum(top_raw, axis=-1, keepdims=True)
