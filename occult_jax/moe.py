@@ -66,7 +66,8 @@ class MoELayer(nnx.Module):
     """Top-k routed SwiGLU experts, expert-parallel over the mesh's expert axis.
 
     `layer(x)` with x [batch, seq, d_model] returns (y of the same shape, stats). stats holds
-    aux_loss, z_loss, expert_load [E], ct (mean devices per token), dropped (assignments lost to
+    aux_loss, z_loss, expert_load [E], coactivation [E, E] (tokens that chose both experts; sum
+    it over steps for placement), ct (mean devices per token), dropped (assignments lost to
     capacity), wire_rows and wire_bytes (sent off-device, forward, summed over devices).
     """
 

@@ -64,6 +64,14 @@ def loss_terms(routing: Routing, num_experts: int) -> dict[str, jax.Array]:
     }
 
 
+def coactivation(expert_ids: jax.Array, num_experts: int) -> jax.Array:
+    """[T, k] ids → [E, E] int32 counts of tokens that chose both i and j (zero diagonal)."""
+    chosen = jnp.zeros((expert_ids.shape[0], num_experts), jnp.float32).at[
+        jnp.arange(expert_ids.shape[0])[:, None], expert_ids].set(1.0)
+    counts = jnp.dot(chosen.T, chosen, preferred_element_type=jnp.float32)
+    return (counts * (1.0 - jnp.eye(num_experts))).astype(jnp.int32)
+
+
 def losses_from_terms(terms: dict[str, jax.Array], num_experts: int) -> dict[str, jax.Array]:
     """Switch load-balancing loss E·Σ f_e·P_e (1 at perfect balance) and the router z-loss."""
     aux = num_experts * jnp.sum(jax.lax.stop_gradient(terms["fraction"]) * terms["mean_score"])

@@ -88,7 +88,18 @@ def numpy_expectations(layer, x, cfg, n_expert, mesh_size, capacity=None):
         "dropped": int((~keep).sum()),
         "wire_rows": wire,
         "expert_load": np.bincount(ids.reshape(-1), minlength=cfg.num_experts),
+        "coactivation": np_coactivation(ids, cfg.num_experts),
     }
+
+
+def np_coactivation(ids, num_experts):
+    counts = np.zeros((num_experts, num_experts), int)
+    for row in ids:
+        for a in row:
+            for b in row:
+                if a != b:
+                    counts[a, b] += 1
+    return counts
 
 
 # (num_experts, top_k, expert axis, data axis, skewed): covers every E, k and mesh size pairwise.
@@ -123,6 +134,8 @@ def test_matches_reference(dispatch, num_experts, top_k, n_expert, n_data, skewe
     assert int(stats["wire_rows"]) == expected["wire_rows"]
     np.testing.assert_allclose(float(stats["ct"]), expected["ct"], rtol=1e-6)
     np.testing.assert_array_equal(np.asarray(stats["expert_load"]), expected["expert_load"])
+    np.testing.assert_array_equal(np.asarray(stats["coactivation"]), expected["coactivation"])
+    np.testing.assert_array_equal(np.asarray(stats_ref["coactivation"]), expected["coactivation"])
     for key in ("aux_loss", "z_loss"):
         np.testing.assert_allclose(float(stats[key]), float(stats_ref[key]), rtol=1e-5)
 
