@@ -7,6 +7,8 @@ Route → plan → exchange → expert compute → exchange back → combine, wi
 from occult_jax.config import MoEConfig
 from occult_jax.mesh import make_mesh
 from occult_jax.moe import ExpertPlacement, MoELayer
+from occult_jax.relocate import apply_placement, moe_layer_paths, slots_from_devices
 
-__all__ = ["ExpertPlacement", "MoEConfig", "MoELayer", "make_mesh"]
+__all__ = ["ExpertPlacement", "MoEConfig", "MoELayer", "apply_placement", "make_mesh",
+           "moe_layer_paths", "slots_from_devices"]
 __version__ = "0.1.0"

@@ -1,0 +1,121 @@
+"""Applying a placement: move experts between devices inside one jitted, sharded function.
+
+A MoE layer keeps its router in logical expert ids and an `ExpertPlacement` map (logical →
+physical weight slot). Re-placing a layer therefore permutes only its expert-indexed arrays —
+w_gate, w_up, w_down and every optimizer moment of them — along the expert axis, and rewrites the
+map. The model function is unchanged, and the arrays move through XLA collectives on the mesh,
+never through the host.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from occult_jax.moe import MoELayer
+
+EXPERT_ARRAYS = ("w_gate", "w_up", "w_down")
+PLACEMENT = "placement"
+
+
+def moe_layer_paths(model: nnx.Module) -> list[tuple]:
+    """Paths (as in nnx.State) of every MoELayer inside `model`."""
+    return [tuple(path) for path, module in nnx.iter_modules(model)
+            if isinstance(module, MoELayer)]
+
+
+def _keys(path) -> tuple:
+    out = []
+    for entry in path:
+        for attr in ("key", "idx", "name"):
+            if hasattr(entry, attr):
+                out.append(getattr(entry, attr))
+                break
+    return tuple(out)
+
+
+def _layer_of_placement(keys: tuple) -> tuple | None:
+    """The layer path if keys name a layer's placement map (…, layer…, "placement"[, "value"])."""
+    trimmed = keys[:-1] if keys and keys[-1] == "value" else keys
+    return trimmed[:-1] if trimmed and trimmed[-1] == PLACEMENT else None
+
+
+def _match(keys: tuple, layer: tuple, names: Iterable[str]) -> str | None:
+    """The name if keys contain layer + (name,) contiguously, else None."""
+    span = len(layer) + 1
+    for start in range(len(keys) - span + 1):
+        if keys[start:start + len(layer)] == layer and keys[start + len(layer)] in names:
+            return keys[start + len(layer)]
+    return None
+
+
+def _check(placements: Mapping[tuple, Any], num_experts: dict[tuple, int]) -> None:
+    for layer, slots in placements.items():
+        if layer not in num_experts:
+            raise ValueError(f"no MoE layer at path {layer}; use one of {sorted(num_experts)}.")
+        slots = np.asarray(slots)
+        e = num_experts[layer]
+        if slots.shape != (e,) or sorted(slots.tolist()) != list(range(e)):
+            raise ValueError(f"placement for {layer} must be a permutation of 0..{e - 1} "
+                             f"(logical expert → slot), got shape {slots.shape}.")
+
+
+def apply_placement(model_state: Any, placements: Mapping[tuple, Any], *others: Any):
+    """Re-place MoE layers; returns (model_state, *others) with experts moved.
+
+    model_state: the model's nnx.State (holds each layer's current `placement` map).
+    placements: {layer path: new logical→slot map [E]}, paths as from `moe_layer_paths`.
+      A slot s lives on device s // (E / N); `oj.placement.place` gives expert→device maps,
+      which `slots_from_devices` turns into slot maps.
+    others: more pytrees whose expert-indexed leaves move too (the optimizer state).
+    Runs as one jitted function whose outputs keep the inputs' shardings.
+    """
+    current = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(model_state)[0]:
+        layer = _layer_of_placement(_keys(path))
+        if layer is not None:
+            current[layer] = leaf
+    _check(placements, {layer: leaf.shape[0] for layer, leaf in current.items()})
+    perms, maps = {}, {}
+    for layer, new in placements.items():
+        old = np.asarray(current[layer])
+        new = np.asarray(new, np.int32)
+        logical_at_new_slot = np.argsort(new)
+        perms[layer] = jnp.asarray(old[logical_at_new_slot], jnp.int32)
+        maps[layer] = jnp.asarray(new)
+    trees = (model_state, *others)
+    shardings = jax.tree.map(lambda x: getattr(x, "sharding", None), trees)
+    return jax.jit(_permute, out_shardings=shardings)(trees, perms, maps)
+
+
+def _permute(trees, perms, maps):
+    def move(path, leaf):
+        keys = _keys(path)
+        for layer, perm in perms.items():
+            if _match(keys, layer, EXPERT_ARRAYS):
+                return jnp.take(leaf, perm, axis=0)
+            if _match(keys, layer, (PLACEMENT,)):
+                return maps[layer].astype(leaf.dtype)
+        return leaf
+
+    return jax.tree_util.tree_map_with_path(move, trees)
+
+
+def slots_from_devices(expert_to_device: Any, num_devices: int) -> np.ndarray:
+    """An expert→device assignment (E/N experts each) → a logical→slot map."""
+    devices = np.asarray(expert_to_device)
+    per_device = devices.shape[0] // num_devices
+    counts = np.bincount(devices, minlength=num_devices)
+    if np.any(counts != per_device):
+        raise ValueError(f"every device must hold {per_device} experts; got counts "
+                         f"{counts.tolist()}.")
+    slots = np.empty_like(devices)
+    for device in range(num_devices):
+        members = np.nonzero(devices == device)[0]
+        slots[members] = device * per_device + np.arange(per_device)
+    return slots.astype(np.int32)

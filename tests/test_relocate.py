@@ -1,0 +1,110 @@
+"""apply_placement: experts move between devices, the model function and training continue."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from conftest import mesh_or_skip
+from flax import nnx
+
+import occult_jax as oj
+
+
+class TwoLayers(nnx.Module):
+    def __init__(self, cfg, mesh, seed):
+        self.first = oj.MoELayer(cfg, mesh=mesh, rngs=nnx.Rngs(seed))
+        self.second = oj.MoELayer(cfg, mesh=mesh, rngs=nnx.Rngs(seed + 1))
+
+    def __call__(self, x):
+        h, s1 = self.first(x)
+        y, s2 = self.second(x + h)
+        return y, s1["aux_loss"] + s2["aux_loss"]
+
+
+def random_slots(rng, num_experts):
+    return rng.permutation(num_experts).astype(np.int32)
+
+
+@pytest.mark.parametrize("dispatch", ["standard", "occult"])
+def test_outputs_unchanged_and_weights_moved(dispatch):
+    mesh = mesh_or_skip(4, 2)
+    cfg = oj.MoEConfig(num_experts=16, top_k=4, d_model=16, d_ff=8, dispatch=dispatch)
+    model = TwoLayers(cfg, mesh, 0)
+    rng = np.random.default_rng(1)
+    x = jnp.asarray(rng.standard_normal((2, 32, 16)), jnp.float32)
+    y_before, _ = model(x)
+    graphdef, state = nnx.split(model)
+    paths = oj.moe_layer_paths(model)
+    assert sorted(paths) == [("first",), ("second",)]
+    new = {path: random_slots(rng, 16) for path in paths}
+    (moved,) = oj.apply_placement(state, new)
+    after = nnx.merge(graphdef, moved)
+    y_after, _ = after(x)
+    np.testing.assert_allclose(np.asarray(y_after), np.asarray(y_before), rtol=1e-5, atol=1e-6)
+    for path in paths:
+        old_layer = getattr(model, path[0])
+        new_layer = getattr(after, path[0])
+        np.testing.assert_array_equal(np.asarray(new_layer.placement[...]), new[path])
+        old_w = np.asarray(old_layer.w_gate[...])[np.asarray(old_layer.placement[...])]
+        new_w = np.asarray(new_layer.w_gate[...])[new[path]]
+        np.testing.assert_array_equal(new_w, old_w)  # logical expert e keeps its weights
+        assert new_layer.w_down[...].sharding == old_layer.w_down[...].sharding
+
+
+def test_training_continues_on_the_same_loss_curve():
+    mesh = mesh_or_skip(4, 2)
+    cfg = oj.MoEConfig(num_experts=16, top_k=4, d_model=16, d_ff=8, dispatch="occult")
+    rng = np.random.default_rng(2)
+    x = jnp.asarray(rng.standard_normal((2, 32, 16)), jnp.float32)
+    t = jnp.asarray(rng.standard_normal((2, 32, 16)), jnp.float32)
+    batches, targets = [x] * 6, [t] * 6  # one batch, fitted: the loss must fall
+
+    def run(replace_at):
+        model = TwoLayers(cfg, mesh, 5)
+        optimizer = nnx.Optimizer(model, optax.adamw(3e-2), wrt=nnx.Param)
+        graphdef, state = nnx.split((model, optimizer))
+
+        @jax.jit
+        def step(state, x, t):
+            model, optimizer = nnx.merge(graphdef, state)
+
+            def loss_fn(model):
+                y, aux = model(x)
+                return jnp.mean((y - t) ** 2) + 0.01 * aux
+
+            loss, grads = nnx.value_and_grad(loss_fn)(model)
+            optimizer.update(model, grads)
+            return nnx.state((model, optimizer)), loss
+
+        losses = []
+        for i, (x, t) in enumerate(zip(batches, targets, strict=True)):
+            if i == replace_at:
+                layout = {path: random_slots(np.random.default_rng(9), 16)
+                          for path in [("first",), ("second",)]}
+                state = oj.apply_placement(state[0], layout, state[1])  # model, optimizer
+            state, loss = step(state, x, t)
+            losses.append(float(loss))
+        return losses
+
+    straight, replaced = run(replace_at=None), run(replace_at=3)
+    np.testing.assert_allclose(replaced, straight, rtol=2e-5)
+    assert straight[-1] < straight[0]
+
+
+def test_bad_placements():
+    mesh = mesh_or_skip(2)
+    model = TwoLayers(oj.MoEConfig(num_experts=4, top_k=2, d_model=8, d_ff=4), mesh, 0)
+    _, state = nnx.split(model)
+    with pytest.raises(ValueError, match="no MoE layer at path"):
+        oj.apply_placement(state, {("third",): np.arange(4)})
+    with pytest.raises(ValueError, match="must be a permutation"):
+        oj.apply_placement(state, {("first",): np.array([0, 0, 1, 2])})
+    with pytest.raises(ValueError, match="every device must hold 2 experts"):
+        oj.slots_from_devices([0, 0, 0, 1], 2)
+
+
+def test_slots_from_devices():
+    slots = oj.slots_from_devices([1, 0, 1, 0, 2, 2], 3)
+    assert sorted(slots.tolist()) == list(range(6))
+    np.testing.assert_array_equal(slots // 2, [1, 0, 1, 0, 2, 2])
