@@ -63,11 +63,12 @@ def test_training_continues_on_the_same_loss_curve():
     def run(replace_at):
         model = TwoLayers(cfg, mesh, 5)
         optimizer = nnx.Optimizer(model, optax.adamw(3e-2), wrt=nnx.Param)
-        graphdef, state = nnx.split((model, optimizer))
+        model_def, model_state = nnx.split(model)
+        opt_def, opt_state = nnx.split(optimizer)
 
         @jax.jit
-        def step(state, x, t):
-            model, optimizer = nnx.merge(graphdef, state)
+        def step(model_state, opt_state, x, t):
+            model, optimizer = nnx.merge(model_def, model_state), nnx.merge(opt_def, opt_state)
 
             def loss_fn(model):
                 y, aux = model(x)
@@ -75,15 +76,15 @@ def test_training_continues_on_the_same_loss_curve():
 
             loss, grads = nnx.value_and_grad(loss_fn)(model)
             optimizer.update(model, grads)
-            return nnx.state((model, optimizer)), loss
+            return nnx.state(model), nnx.state(optimizer), loss
 
         losses = []
         for i, (x, t) in enumerate(zip(batches, targets, strict=True)):
             if i == replace_at:
                 layout = {path: random_slots(np.random.default_rng(9), 16)
                           for path in [("first",), ("second",)]}
-                state = oj.apply_placement(state[0], layout, state[1])  # model, optimizer
-            state, loss = step(state, x, t)
+                model_state, opt_state = oj.apply_placement(model_state, layout, opt_state)
+            model_state, opt_state, loss = step(model_state, opt_state, x, t)
             losses.append(float(loss))
         return losses
 
