@@ -18,6 +18,8 @@ import shutil
 import sys
 import time
 
+import numpy as np
+
 SHAPES = {  # name: (experts, top_k, d_model, d_ff, shared experts, shared width each)
     "olmoe": (64, 8, 2048, 1024, 0, 0),
     "qwen": (60, 4, 2048, 1408, 1, 5632),
@@ -38,6 +40,12 @@ def parse_args(argv=None):
     p.add_argument("--capacity-factor", type=float, default=None)
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--devices", type=int, default=None, help="expert-axis size (default: all)")
+    p.add_argument("--placements", default="identity",
+                   help="comma list of identity, greedy, best (oj.placement.place on a trace)")
+    p.add_argument("--caps", default="none",
+                   help="comma list of max_devices_per_token values; 'none' = no pruning")
+    p.add_argument("--planted", action="store_true",
+                   help="router and tokens with hidden expert clusters (structured routing)")
     p.add_argument("--no-ragged-decomposer", action="store_true")
     p.add_argument("--breakdown", action="store_true",
                    help="also time each variant with identity experts (route + plan + exchange "
@@ -60,7 +68,6 @@ def main(argv=None):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     import jax
     import jax.numpy as jnp
-    import numpy as np
     from flax import nnx
 
     import occult_jax as oj
@@ -83,59 +90,110 @@ def main(argv=None):
     rows = []
     for shape in args.shapes.split(","):
         e, k, d, f, shared, shared_f = SHAPES[shape]
-        x = jax.random.normal(jax.random.key(1), (n * args.tokens, d), jnp.float32)
-        x = jax.device_put(x.astype(args.dtype), oj.mesh.sharding(mesh, oj.mesh.token_spec(mesh)))
+        base_cfg = oj.MoEConfig(num_experts=e, top_k=k, d_model=d, d_ff=f,
+                                num_shared_experts=shared, shared_d_ff=shared_f or None,
+                                dtype=args.dtype, expert_matmul=args.expert_matmul,
+                                capacity_factor=args.capacity_factor)
+        router = np.asarray(oj.MoELayer(base_cfg, mesh=mesh, rngs=nnx.Rngs(0)).router[...])
+        x = np.random.default_rng(1).standard_normal((n * args.tokens, d)).astype(np.float32)
+        if args.planted:
+            router, x = plant_clusters(router, x, n, np.random.default_rng(2))
+        x = jax.device_put(jnp.asarray(x, args.dtype),
+                           oj.mesh.sharding(mesh, oj.mesh.token_spec(mesh)))
         cot = jax.random.normal(jax.random.key(2), x.shape, jnp.float32).astype(args.dtype)
-        first = None
-        for mode in args.modes.split(","):
-            for transport in args.transports.split(","):
-                cfg = oj.MoEConfig(num_experts=e, top_k=k, d_model=d, d_ff=f, dispatch=mode,
-                                   transport=transport, num_shared_experts=shared,
-                                   shared_d_ff=shared_f or None, dtype=args.dtype,
-                                   expert_matmul=args.expert_matmul,
-                                   capacity_factor=args.capacity_factor)
-                layer = oj.MoELayer(cfg, mesh=mesh, rngs=nnx.Rngs(0))
-                graphdef, params, rest = nnx.split(layer, nnx.Param, ...)
-
-                def forward(p, x, graphdef=graphdef, rest=rest):
-                    return nnx.merge(graphdef, p, rest)(x)
-
-                def loss(p, x, cot, forward=forward):
-                    y, _ = forward(p, x)
-                    return jnp.sum(y.astype(jnp.float32) * cot.astype(jnp.float32))
-
-                fwd = jax.jit(forward)
-                step = jax.jit(jax.grad(loss, argnums=(0, 1)))
-                y, stats = fwd(params, x)
-                y = np.asarray(y.astype(jnp.float32))
-                first = y if first is None else first
-                row = {"shape": shape, "mode": mode, "transport": transport,
-                       "ct": float(stats["ct"]), "wire_MB": float(stats["wire_bytes"]) / 1e6,
-                       "dropped": int(stats["dropped"]),
-                       "max_diff": float(np.abs(y - first).max())}
-                for name in args.passes.split(","):
-                    call = (fwd, params, x) if name == "fwd" else (step, params, x, cot)
-                    row[name + "_ms"] = timed(*call)
-                if args.breakdown:
-                    layout = dataclasses.replace(layout_of(layer, x), identity_experts=True)
-                    exchange_only = oj.moe.expert_parallel_fn(cfg, layout, mesh)
-                    row["exchange_only_fwd_ms"] = timed(
-                        exchange_only, x, layer.expert_weights(), layer.placement[...])
-                rows.append(row)
-                print(json.dumps(row), flush=True)
+        slot_maps = placements(oj, base_cfg, router, x, n, args.placements.split(","))
+        first = {}  # per cap: outputs must agree across placements, modes and transports
+        for placement, slots in slot_maps.items():
+            for cap in args.caps.split(","):
+                for mode in args.modes.split(","):
+                    for transport in args.transports.split(","):
+                        cfg = base_cfg.replace(
+                            dispatch=mode, transport=transport,
+                            max_devices_per_token=None if cap == "none" else int(cap))
+                        layer = oj.MoELayer(cfg, mesh=mesh, rngs=nnx.Rngs(0))
+                        layer.router[...] = jnp.asarray(router)
+                        if slots is not None:
+                            (state,) = oj.apply_placement(nnx.state(layer), {(): slots})
+                            nnx.update(layer, state)
+                        row, y = measure(layer, x, cot, args, timed, mesh)
+                        first.setdefault(cap, y)
+                        row.update(shape=shape, placement=placement, cap=cap,
+                                   max_diff=float(np.abs(y - first[cap]).max()))
+                        rows.append(row)
+                        print(json.dumps(row), flush=True)
     print_table(rows, args.passes.split(","))
     if args.out:
         with open(args.out, "w") as fh:
             json.dump(rows, fh, indent=1)
 
 
-def layout_of(layer, x):
-    return layer.layout(x.shape[0])
+def plant_clusters(router, x, num_devices, rng, strength=4.0):
+    """Routing with real structure: N hidden clusters of E/N experts (ids shuffled, so the
+    identity placement splits them), and each token drawn towards one cluster."""
+    d, e = router.shape
+    cluster = rng.permutation(e) % num_devices
+    directions = np.linalg.qr(rng.standard_normal((d, num_devices)))[0].T  # [N, d]
+    router = router + strength / np.sqrt(d) * directions[cluster].T
+    token_cluster = rng.integers(0, num_devices, x.shape[0])
+    return router.astype(np.float32), x + 2.0 * np.sqrt(d) * directions[token_cluster]
+
+
+def placements(oj, cfg, router, x, num_devices, methods):
+    """{method: logical→slot map (None for identity)} from a 16k-token routing trace."""
+    import jax.numpy as jnp
+
+    out = {}
+    sample = jnp.asarray(x[: 16384], jnp.float32)
+    trace = np.asarray(oj.routing.route(sample, jnp.asarray(router), cfg).expert_ids)
+    for method in methods:
+        if method == "identity":
+            out[method] = None
+            continue
+        from occult_jax import placement as placement_lib
+
+        devices = placement_lib.place(trace, num_devices, method=method)
+        out[method] = oj.slots_from_devices(devices, num_devices)
+    return out
+
+
+def measure(layer, x, cot, args, timed, mesh):
+    """One variant: stats, output, and the timings asked for."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    import occult_jax as oj
+
+    graphdef, params, rest = nnx.split(layer, nnx.Param, ...)
+
+    def forward(p, x):
+        return nnx.merge(graphdef, p, rest)(x)
+
+    def loss(p, x, cot):
+        y, _ = forward(p, x)
+        return jnp.sum(y.astype(jnp.float32) * cot.astype(jnp.float32))
+
+    fwd = jax.jit(forward)
+    step = jax.jit(jax.grad(loss, argnums=(0, 1)))
+    y, stats = fwd(params, x)
+    cfg = layer.cfg
+    row = {"mode": cfg.dispatch, "transport": cfg.transport, "ct": float(stats["ct"]),
+           "wire_MB": float(stats["wire_bytes"]) / 1e6, "dropped": int(stats["dropped"])}
+    for name in args.passes.split(","):
+        call = (fwd, params, x) if name == "fwd" else (step, params, x, cot)
+        row[name + "_ms"] = timed(*call)
+    if args.breakdown:
+        layout = dataclasses.replace(layer.layout(x.shape[0]), identity_experts=True)
+        exchange_only = oj.moe.expert_parallel_fn(cfg, layout, mesh)
+        row["exchange_only_fwd_ms"] = timed(exchange_only, x, layer.expert_weights(),
+                                            layer.placement[...])
+    return row, np.asarray(y.astype(jnp.float32))
 
 
 def print_table(rows, passes):
     base = {}
-    head = (f"{'shape':9} {'mode':9} {'transport':9} {'C_T':>5} {'wire MB':>9} {'drop':>5} "
+    head = (f"{'shape':9} {'place':8} {'cap':4} {'mode':9} {'transport':9} {'C_T':>5} "
+            f"{'wire MB':>9} {'drop':>6} "
             f"{'max|Δy|':>8} " + " ".join(f"{p + ' ms':>11} {'×':>5}" for p in passes))
     print("\n" + head + "\n" + "-" * len(head))
     for r in rows:
@@ -143,11 +201,12 @@ def print_table(rows, passes):
         base.setdefault(key, r)
         cells = " ".join(f"{r[p + '_ms']:11.2f} {base[key][p + '_ms'] / r[p + '_ms']:5.2f}"
                          for p in passes)
-        print(f"{r['shape']:9} {r['mode']:9} {r['transport']:9} {r['ct']:5.2f} "
-              f"{r['wire_MB']:9.1f} {r['dropped']:5d} {r['max_diff']:8.1e} {cells}"
+        print(f"{r['shape']:9} {r['placement']:8} {r['cap']:4} {r['mode']:9} "
+              f"{r['transport']:9} {r['ct']:5.2f} {r['wire_MB']:9.1f} {r['dropped']:6d} "
+              f"{r['max_diff']:8.1e} {cells}"
               + (f"  exchange-only fwd {r['exchange_only_fwd_ms']:.2f} ms"
                  if "exchange_only_fwd_ms" in r else ""))
-    print("× = speed-up over the first mode on the same shape and transport")
+    print("× = speed-up over the first row of the same shape and transport")
 
 
 if __name__ == "__main__":
