@@ -12,3 +12,12 @@ from occult_jax.relocate import apply_placement, moe_layer_paths, slots_from_dev
 __all__ = ["ExpertPlacement", "MoEConfig", "MoELayer", "apply_placement", "make_mesh",
            "moe_layer_paths", "slots_from_devices"]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    """`oj.placement` loads on first use, so `python -m occult_jax.placement` imports it once."""
+    if name == "placement":
+        import importlib
+
+        return importlib.import_module("occult_jax.placement")
+    raise AttributeError(f"module 'occult_jax' has no attribute {name!r}")

@@ -9,6 +9,7 @@ never through the host.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -71,7 +72,7 @@ def apply_placement(model_state: Any, placements: Mapping[tuple, Any], *others: 
     model_state: the model's nnx.State (holds each layer's current `placement` map).
     placements: {layer path: new logical→slot map [E]}, paths as from `moe_layer_paths`.
       A slot s lives on device s // (E / N); `oj.placement.place` gives expert→device maps,
-      which `slots_from_devices` turns into slot maps.
+      which `slots_from_devices` turns into slot maps (moving as few experts as it can).
     others: more pytrees whose expert-indexed leaves move too (the optimizer state).
     Runs as one jitted function whose outputs keep the inputs' shardings.
     """
@@ -89,33 +90,78 @@ def apply_placement(model_state: Any, placements: Mapping[tuple, Any], *others: 
         perms[layer] = jnp.asarray(old[logical_at_new_slot], jnp.int32)
         maps[layer] = jnp.asarray(new)
     trees = (model_state, *others)
-    shardings = jax.tree.map(lambda x: getattr(x, "sharding", None), trees)
-    return jax.jit(_permute, out_shardings=shardings)(trees, perms, maps)
+    flat = [jax.tree_util.tree_flatten_with_path(tree) for tree in trees]
+    values = [[leaf for _, leaf in leaves] for leaves, _ in flat]
+    moves = {}  # (tree, leaf) → permutation of its expert axis
+    for t, (leaves, _) in enumerate(flat):
+        for i, (path, leaf) in enumerate(leaves):
+            keys = _keys(path)
+            for layer in perms:
+                if _match(keys, layer, EXPERT_ARRAYS):
+                    moves[t, i] = perms[layer]
+                elif _layer_of_placement(keys) == layer:
+                    values[t][i] = jax.device_put(maps[layer].astype(leaf.dtype), leaf.sharding)
+    index = sorted(moves)
+    moved = jax.jit(_take_rows, out_shardings=[values[t][i].sharding for t, i in index])(
+        [values[t][i] for t, i in index], [moves[k] for k in index])
+    for (t, i), value in zip(index, moved, strict=True):
+        values[t][i] = value
+    return tuple(jax.tree_util.tree_unflatten(treedef, vals)
+                 for (_, treedef), vals in zip(flat, values, strict=True))
 
 
-def _permute(trees, perms, maps):
-    def move(path, leaf):
-        keys = _keys(path)
-        for layer, perm in perms.items():
-            if _match(keys, layer, EXPERT_ARRAYS):
-                return jnp.take(leaf, perm, axis=0)
-            if _match(keys, layer, (PLACEMENT,)):
-                return maps[layer].astype(leaf.dtype)
-        return leaf
-
-    return jax.tree_util.tree_map_with_path(move, trees)
+def _take_rows(arrays, perms):
+    """Each array's expert axis (0) permuted: one jitted, sharded gather for all of them."""
+    return [jnp.take(a, p, axis=0) for a, p in zip(arrays, perms, strict=True)]
 
 
-def slots_from_devices(expert_to_device: Any, num_devices: int) -> np.ndarray:
-    """An expert→device assignment (E/N experts each) → a logical→slot map."""
+def slots_from_devices(expert_to_device: Any, num_devices: int,
+                       current_slots: Any | None = None) -> np.ndarray:
+    """An expert→device assignment (E/N experts each) → a logical→slot map.
+
+    Device labels of a placement are arbitrary. With `current_slots` (the layer's map now), the
+    groups are relabelled to keep as many experts as possible on their current device, and an
+    expert that stays keeps its slot: `apply_placement` then moves only what must move.
+    """
     devices = np.asarray(expert_to_device)
     per_device = devices.shape[0] // num_devices
     counts = np.bincount(devices, minlength=num_devices)
     if np.any(counts != per_device):
         raise ValueError(f"every device must hold {per_device} experts; got counts "
                          f"{counts.tolist()}.")
-    slots = np.empty_like(devices)
-    for device in range(num_devices):
-        members = np.nonzero(devices == device)[0]
-        slots[members] = device * per_device + np.arange(per_device)
+    if current_slots is None:
+        slots = np.empty_like(devices)
+        for device in range(num_devices):
+            members = np.nonzero(devices == device)[0]
+            slots[members] = device * per_device + np.arange(per_device)
+        return slots.astype(np.int32)
+    current = np.asarray(current_slots)
+    overlap = np.zeros((num_devices, num_devices), int)  # [group, current device]
+    np.add.at(overlap, (devices, current // per_device), 1)
+    label = _best_relabel(overlap)
+    slots = np.full_like(devices, -1)
+    for group in range(num_devices):
+        device = label[group]
+        members = np.nonzero(devices == group)[0]
+        stays = members[current[members] // per_device == device]
+        slots[stays] = current[stays]
+        free = sorted(set(range(device * per_device, (device + 1) * per_device))
+                      - set(current[stays].tolist()))
+        slots[np.setdiff1d(members, stays)] = free
     return slots.astype(np.int32)
+
+
+def _best_relabel(overlap: np.ndarray) -> np.ndarray:
+    """group → device maximising Σ overlap[group, device] (exact up to 8 devices, else greedy)."""
+    n = overlap.shape[0]
+    if n <= 8:
+        perms = np.asarray(list(itertools.permutations(range(n))))
+        scores = overlap[np.arange(n), perms].sum(axis=1)
+        return perms[int(np.argmax(scores))]
+    label, used = np.full(n, -1), set()
+    for flat in np.argsort(-overlap, axis=None):
+        group, device = divmod(int(flat), n)
+        if label[group] < 0 and device not in used:
+            label[group] = device
+            used.add(device)
+    return label

@@ -109,3 +109,17 @@ def test_slots_from_devices():
     slots = oj.slots_from_devices([1, 0, 1, 0, 2, 2], 3)
     assert sorted(slots.tolist()) == list(range(6))
     np.testing.assert_array_equal(slots // 2, [1, 0, 1, 0, 2, 2])
+
+
+def test_relabelling_moves_only_what_must_move():
+    rng = np.random.default_rng(3)
+    current = rng.permutation(12).astype(np.int32)  # 4 devices × 3 experts
+    current_device = current // 3
+    relabelled = (current_device + 1) % 4  # the same groups under other labels
+    np.testing.assert_array_equal(oj.slots_from_devices(relabelled, 4, current), current)
+    moved = current_device.copy()
+    a, b = np.nonzero(moved == 0)[0][0], np.nonzero(moved == 1)[0][0]
+    moved[a], moved[b] = 1, 0  # one swap between two devices
+    slots = oj.slots_from_devices((moved + 2) % 4, 4, current)
+    assert np.sum(slots != current) == 2
+    assert sorted(slots.tolist()) == list(range(12))

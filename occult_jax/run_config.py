@@ -1,0 +1,114 @@
+"""Training config (an ml_collections ConfigDict, read by attribute only) → library objects.
+
+Every check that needs neither data nor compilation lives here and raises a one-line
+`ConfigError` (a ValueError) naming the field to change.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any
+
+from occult_jax.config import MoEConfig
+from occult_jax.model import ModelConfig
+
+
+class ConfigError(ValueError):
+    """A bad config value, found before anything is compiled."""
+
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def moe_config(config: Any) -> MoEConfig:
+    """The `MoEConfig` of `config.moe`; d_model and the compute dtype come from `config.model`."""
+    fields = {f.name for f in dataclasses.fields(MoEConfig)}
+    values = dict(config.moe.items())
+    unknown = sorted(set(values) - fields)
+    _require(not unknown, f"config.moe has unknown fields {unknown}; MoEConfig takes "
+                          f"{sorted(fields)}.")
+    if not values.get("shared_d_ff"):
+        values["shared_d_ff"] = None
+    values.update(d_model=config.model.d_model, dtype=config.model.dtype)
+    return MoEConfig(**values)
+
+
+def model_config(config: Any) -> ModelConfig:
+    fields = {f.name for f in dataclasses.fields(ModelConfig)}
+    values = dict(config.model.items())
+    unknown = sorted(set(values) - fields)
+    _require(not unknown, f"config.model has unknown fields {unknown}; ModelConfig takes "
+                          f"{sorted(fields)}.")
+    return ModelConfig(**values)
+
+
+def mesh_shape(config: Any, num_devices: int) -> tuple[int, int]:
+    """(expert, data) sizes; -1 means "every device the other axis leaves"."""
+    expert, data = int(config.mesh.expert), int(config.mesh.data)
+    for name, value in (("expert", expert), ("data", data)):
+        _require(value == -1 or value >= 1, f"mesh.{name}={value} must be >= 1, or -1 for the "
+                                            "remaining devices.")
+    if expert == -1 and data == -1:
+        expert, data = num_devices, 1
+    elif expert == -1 or data == -1:
+        name, known = ("data", data) if expert == -1 else ("expert", expert)
+        _require(num_devices % known == 0, f"mesh.{name}={known} does not divide the "
+                                           f"{num_devices} devices; pick a divisor.")
+        expert, data = (num_devices // data, data) if expert == -1 else (expert,
+                                                                         num_devices // expert)
+    _require(expert * data <= num_devices, f"mesh expert={expert} × data={data} needs "
+                                           f"{expert * data} devices; {num_devices} present.")
+    return expert, data
+
+
+def validate(config: Any, num_devices: int) -> tuple[ModelConfig, MoEConfig, tuple[int, int]]:
+    """Every check that needs no data and no compilation; one-line ValueErrors."""
+    _require(bool(config.workdir), "workdir is empty; set --config.workdir.")
+    for name in ("steps", "batch_size", "seq_len", "log_every"):
+        value = config[name]
+        _require(isinstance(value, int) and value > 0, f"{name}={value!r} must be a positive "
+                                                      "integer.")
+    for name in ("eval_every", "checkpoint_every", "eval_batches"):
+        _require(config[name] >= 0, f"{name}={config[name]} must be >= 0 (0 turns it off).")
+    _require(config.keep_checkpoints >= 1, f"keep_checkpoints={config.keep_checkpoints} must "
+                                           "be >= 1.")
+    every = config.placement.every
+    _require(every >= 0 and every % config.log_every == 0,
+             f"placement.every={every} must be 0 (off) or a multiple of "
+             f"log_every={config.log_every}.")
+    _require(config.placement.method in ("best", "greedy"),
+             f"placement.method={config.placement.method!r} is unknown; use 'best' or 'greedy'.")
+    opt = config.optim
+    _require(opt.lr > 0, f"optim.lr={opt.lr} must be > 0.")
+    _require(opt.warmup_steps >= 0, f"optim.warmup_steps={opt.warmup_steps} must be >= 0.")
+    _require(0 <= opt.min_lr_ratio <= 1, f"optim.min_lr_ratio={opt.min_lr_ratio} must be in "
+                                         "[0, 1].")
+    _require(opt.grad_clip >= 0, f"optim.grad_clip={opt.grad_clip} must be >= 0 (0: off).")
+    try:
+        model_cfg, moe_cfg = model_config(config), moe_config(config)
+    except ConfigError:
+        raise
+    except ValueError as e:  # MoEConfig / ModelConfig validation
+        raise ConfigError(str(e)) from None
+    expert, data = mesh_shape(config, num_devices)
+    devices = expert * data
+    _require(config.batch_size % devices == 0,
+             f"batch_size={config.batch_size} is not divisible by the {devices} devices of the "
+             f"mesh (data={data} × expert={expert}); use a multiple of {devices}.")
+    if model_cfg.moe_layers:
+        _require(moe_cfg.num_experts % expert == 0,
+                 f"moe.num_experts={moe_cfg.num_experts} is not divisible by mesh.expert="
+                 f"{expert}; use a multiple of {expert} experts or a smaller expert axis.")
+    _require(0 < config.data.val_fraction < 1, f"data.val_fraction={config.data.val_fraction} "
+                                               "must be in (0, 1).")
+    _require(config.data.max_bytes > 0, f"data.max_bytes={config.data.max_bytes} must be > 0.")
+    _require(config.data.bin_dtype in ("uint16", "int32"),
+             f"data.bin_dtype={config.data.bin_dtype!r} is unknown; use 'uint16' or 'int32'.")
+    if config.data.path and not os.path.exists(config.data.path):
+        raise ConfigError(f"data.path={config.data.path!r} does not exist; give a text file, a "
+                         "folder of text files, or a .npy/.bin token array.")
+    return model_cfg, moe_cfg, (expert, data)

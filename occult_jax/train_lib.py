@@ -1,0 +1,366 @@
+"""Training: config → mesh, data, model, AdamW; jitted train/eval steps; the loop.
+
+`train_and_evaluate(config, workdir)` trains `config.steps` steps, logs every `log_every`
+(console bar, `workdir/metrics.jsonl`, TensorBoard under `workdir/tb`), evaluates every
+`eval_every`, checkpoints every `checkpoint_every` and on SIGTERM/SIGINT (keeping the last
+`keep_checkpoints`), and resumes from the newest checkpoint in `workdir/checkpoints`. Batches are
+a function of (seed, step), so a resumed run repeats the uninterrupted run bit for bit.
+
+`config` is an ml_collections ConfigDict (see configs/default.py); this module reads it by
+attribute only. Multi-host: see `maybe_initialize_distributed`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding, PartitionSpec
+
+from occult_jax import checkpoint as ckpt_lib
+from occult_jax import data as data_lib
+from occult_jax import metrics as metrics_lib
+from occult_jax import online_placement, run_config
+from occult_jax.mesh import make_mesh
+from occult_jax.model import Transformer, batch_sharding, count_params
+from occult_jax.run_config import ConfigError
+
+
+def make_optimizer(config: Any) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """AdamW (no decay on 1-D params: norms) with linear warmup, cosine decay, global clipping."""
+    opt = config.optim
+    warmup = min(opt.warmup_steps, config.steps)
+    schedule = optax.warmup_cosine_decay_schedule(
+        init_value=0.0, peak_value=opt.lr, warmup_steps=warmup,
+        decay_steps=max(config.steps, warmup + 1), end_value=opt.lr * opt.min_lr_ratio)
+    adamw = optax.adamw(schedule, b1=opt.b1, b2=opt.b2, eps=opt.eps,
+                        weight_decay=opt.weight_decay,
+                        mask=lambda params: jax.tree.map(lambda p: p.ndim >= 2, params))
+    if opt.grad_clip:
+        return optax.chain(optax.clip_by_global_norm(opt.grad_clip), adamw), schedule
+    return adamw, schedule
+
+
+# --------------------------------------------------------------------------- steps
+
+
+def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    return -jnp.mean(jnp.take_along_axis(logp, targets[..., None], axis=-1))
+
+
+def loss_fn(model: Transformer, batch: jax.Array) -> tuple[jax.Array, tuple[jax.Array, dict]]:
+    """(total loss, (cross-entropy, stacked MoE stats)); MoE losses weighted by MoEConfig."""
+    logits, stats = model(batch[:, :-1])
+    ce = cross_entropy(logits, batch[:, 1:])
+    total = ce
+    if stats:
+        moe = model.moe_cfg
+        total = (total + moe.aux_loss_weight * jnp.sum(stats["aux_loss"])
+                 + moe.z_loss_weight * jnp.sum(stats["z_loss"]))
+    return total, (ce, stats)
+
+
+def make_steps(model_def: nnx.GraphDef, opt_def: nnx.GraphDef, state_shardings: Any,
+               batch_shard: NamedSharding):
+    """Jitted (train_step, eval_step) over pure states (model state, optimizer state)."""
+    params_sh, opt_sh = state_shardings
+
+    def train_step(params, opt_state, batch):
+        model, optimizer = nnx.merge(model_def, params), nnx.merge(opt_def, opt_state)
+        grad_fn = nnx.value_and_grad(loss_fn, has_aux=True)
+        (total, (ce, stats)), grads = grad_fn(model, batch)
+        optimizer.update(model, grads)
+        metrics = {"loss": ce, "total_loss": total, "grad_norm": optax.tree.norm(grads),
+                   "moe": stats}
+        return nnx.state(model), nnx.state(optimizer), metrics
+
+    def eval_step(params, batch):
+        _, (ce, _) = loss_fn(nnx.merge(model_def, params), batch)
+        return ce
+
+    train = jax.jit(train_step, in_shardings=(params_sh, opt_sh, batch_shard),
+                    out_shardings=(params_sh, opt_sh, None), donate_argnums=(0, 1))
+    evaluate = jax.jit(eval_step, in_shardings=(params_sh, batch_shard))
+    return train, evaluate
+
+
+def _replicate_strays(state: nnx.State, mesh) -> nnx.State:
+    """Puts arrays not yet on the mesh (e.g. the optimizer's step count) replicated onto it."""
+    def put(x):
+        if isinstance(x.sharding, NamedSharding) and x.sharding.mesh == mesh:
+            return x
+        return jax.device_put(x, NamedSharding(mesh, PartitionSpec()))
+    return jax.tree.map(put, state)
+
+
+# --------------------------------------------------------------------------- run setup
+
+
+def maybe_initialize_distributed() -> bool:
+    """Calls `jax.distributed.initialize()` when the environment describes a multi-host job.
+
+    Recognised: `JAX_COORDINATOR_ADDRESS` (with `JAX_NUM_PROCESSES`, `JAX_PROCESS_ID`), SLURM
+    with more than one task (`SLURM_NTASKS`), Open MPI (`OMPI_COMM_WORLD_SIZE` > 1) and
+    multi-host Cloud TPU (`TPU_WORKER_HOSTNAMES` listing several hosts). JAX auto-detects the
+    cluster from the same variables. Every host runs the same command; each feeds its part of
+    the global batch, and only process 0 writes logs (checkpoints are written collectively).
+    Must run before anything touches a JAX device; single-host runs skip it.
+    """
+    env = os.environ
+    multi = (bool(env.get("JAX_COORDINATOR_ADDRESS"))
+             or int(env.get("SLURM_NTASKS", "1")) > 1
+             or int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1
+             or len([h for h in env.get("TPU_WORKER_HOSTNAMES", "").split(",") if h]) > 1)
+    if not multi or jax.distributed.is_initialized():
+        return False
+    kwargs = {}
+    if env.get("JAX_COORDINATOR_ADDRESS"):
+        kwargs["coordinator_address"] = env["JAX_COORDINATOR_ADDRESS"]
+        if env.get("JAX_NUM_PROCESSES"):
+            kwargs["num_processes"] = int(env["JAX_NUM_PROCESSES"])
+        if env.get("JAX_PROCESS_ID"):
+            kwargs["process_id"] = int(env["JAX_PROCESS_ID"])
+    jax.distributed.initialize(**kwargs)
+    return True
+
+
+class StopSignal:
+    """Turns SIGTERM/SIGINT into a flag the loop polls (save, then stop); a second SIGINT
+    interrupts at once."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = {}
+
+    def __enter__(self) -> StopSignal:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: no handlers, no graceful stop
+                pass
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def should_stop(self, step: int, every: int) -> bool:
+        """The flag, agreed by all hosts (polled every `every` steps on multi-host runs, since a
+        signal may reach only some hosts and the checkpoint save is collective)."""
+        if jax.process_count() == 1:
+            return self.requested
+        if step % every:
+            return False
+        flags = multihost_utils.process_allgather(np.asarray(self.requested, np.int32))
+        return bool(np.any(flags))
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def global_batch(tokens: np.ndarray, offsets: np.ndarray, seq_len: int,
+                 sharding: NamedSharding) -> jax.Array:
+    """A [batch, seq_len + 1] array on `sharding`; each host reads only its own rows."""
+    shape = (len(offsets), seq_len + 1)
+    return jax.make_array_from_callback(
+        shape, sharding, lambda index: data_lib.windows(tokens, offsets[index[0]], seq_len))
+
+
+def _config_json(config: Any) -> str:
+    to_json = getattr(config, "to_json_best_effort", None)
+    return to_json(indent=2) if to_json else json.dumps(dict(config), indent=2, default=str)
+
+
+@dataclasses.dataclass
+class Run:
+    """Everything a training run holds between steps."""
+
+    config: Any
+    workdir: str
+    mesh: Any
+    corpus: data_lib.Corpus
+    model: Transformer
+    schedule: optax.Schedule
+    model_def: nnx.GraphDef
+    opt_def: nnx.GraphDef
+    params: nnx.State
+    opt_state: nnx.State
+    checkpointer: ckpt_lib.Checkpointer
+    start: int
+    notes: list[str]
+
+
+def setup(config: Any, workdir: str) -> Run:
+    """Validates the config, loads data, builds mesh, model and optimizer, restores a checkpoint.
+
+    Config problems surface here as one-line `ConfigError`s, before anything is compiled.
+    """
+    devices = jax.devices()
+    model_cfg, moe_cfg, (n_expert, n_data) = run_config.validate(config, len(devices))
+    try:
+        corpus = data_lib.load_corpus(config.data.path, config.data.max_bytes,
+                                      config.data.val_fraction, config.data.bin_dtype)
+        data_lib.check_fits(corpus, config.seq_len, model_cfg.vocab_size)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    mesh = make_mesh(expert=n_expert, data=n_data, devices=devices)
+    model = Transformer(model_cfg, moe_cfg if model_cfg.moe_layers else None, mesh=mesh,
+                        rngs=nnx.Rngs(config.seed))
+    tx, schedule = make_optimizer(config)
+    optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+    model_def, params = nnx.split(model)
+    opt_def, opt_state = nnx.split(optimizer)
+    params, opt_state = _replicate_strays(params, mesh), _replicate_strays(opt_state, mesh)
+
+    checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
+                                         keep=config.keep_checkpoints)
+    start, notes = checkpointer.latest_step() or 0, []
+    if start:
+        params, opt_state, _ = checkpointer.restore(start, params, opt_state)
+        notes.append(f"resumed from {checkpointer.directory} step {start}")
+    elif config.init_from:
+        try:
+            params, from_step = ckpt_lib.load_params(config.init_from, params)
+        except ValueError as e:
+            checkpointer.close()
+            raise ConfigError(str(e)) from None
+        notes.append(f"initialised params from {config.init_from} (step {from_step})")
+    counts = count_params(model)
+    notes.insert(0, f"devices={len(devices)} mesh=(data={n_data}, expert={n_expert}) "
+                    f"params={counts['total']:,} (experts {counts['experts']:,}, active "
+                    f"{counts['active']:,}) corpus={corpus.source} "
+                    f"train={len(corpus.train):,} val={len(corpus.validation):,} tokens")
+    return Run(config, workdir, mesh, corpus, model, schedule, model_def, opt_def, params,
+               opt_state, checkpointer, start, notes)
+
+
+def _scalar_metrics(step_metrics: list[dict]) -> dict[str, Any]:
+    last = step_metrics[-1]
+    out = {"loss": float(last["loss"]), "total_loss": float(last["total_loss"]),
+           "grad_norm": float(last["grad_norm"]),
+           "loss_avg": float(np.mean([float(m["loss"]) for m in step_metrics]))}
+    out.update(metrics_lib.summarize_moe(last["moe"]))
+    return out
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+def train_and_evaluate(config: Any, workdir: str | None = None, *,
+                       stop_after: int | None = None, progress: bool = True) -> dict[str, Any]:
+    """Trains (resuming from `workdir/checkpoints` when present); returns the last metrics.
+
+    stop_after: behave as if SIGTERM arrived after this step (checkpoint, return); for tests.
+    """
+    maybe_initialize_distributed()
+    if workdir:
+        config = config.copy_and_resolve_references() if hasattr(
+            config, "copy_and_resolve_references") else config
+        config.workdir = workdir
+    run = setup(config, config.workdir)
+    workdir = config.workdir
+    is_main = jax.process_index() == 0
+    if is_main:
+        os.makedirs(workdir, exist_ok=True)
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(_config_json(config))
+
+    batch_shard = batch_sharding(run.mesh)
+    shardings = jax.tree.map(lambda x: x.sharding, (run.params, run.opt_state))
+    train_step, eval_step = make_steps(run.model_def, run.opt_def, shardings, batch_shard)
+    moe_layers = run.model.cfg.moe_layers if run.model.moe_cfg is not None else []
+    writer = metrics_lib.MetricWriter(workdir, config.steps, run.start, enabled=is_main,
+                                      progress=progress, moe_layers=moe_layers)
+    for note in run.notes:
+        writer.print(note)
+
+    corpus, seq_len = run.corpus, config.seq_len
+    val_batches = [global_batch(corpus.validation, offsets, seq_len, batch_shard)
+                   for offsets in data_lib.eval_offsets(
+                       len(corpus.validation), config.eval_batches if config.eval_every else 0,
+                       config.batch_size, seq_len)]
+
+    def batch(step: int) -> jax.Array:
+        offsets = data_lib.batch_offsets(len(corpus.train), config.seed, step,
+                                         config.batch_size, seq_len)
+        return global_batch(corpus.train, offsets, seq_len, batch_shard)
+
+    def evaluate(params) -> float:
+        return float(np.mean([float(eval_step(params, b)) for b in val_batches]))
+
+    tic = time.perf_counter()
+    params, opt_state, step = run.params, run.opt_state, run.start
+    compiled = train_step.lower(params, opt_state, batch(step)).compile()
+    writer.print(f"compiled the train step in {time.perf_counter() - tic:.1f}s")
+
+    saved = run.start
+
+    def save(step: int) -> None:
+        nonlocal saved
+        run.checkpointer.save(step, params, opt_state, {"step": step, "seed": config.seed})
+        saved = step
+
+    last: dict[str, Any] = {}
+    pending: list[dict] = []
+    replace_every = config.placement.every if moe_layers else 0
+    coactivation = online_placement.CoactivationSum()
+    tokens_per_step = config.batch_size * seq_len
+    with StopSignal() as stop:
+        tic = time.perf_counter()
+        while step < config.steps:
+            params, opt_state, step_metrics = compiled(params, opt_state, batch(step))
+            step += 1
+            pending.append(step_metrics)
+            if stop_after is not None and step >= stop_after:
+                stop.requested = True
+            evaluating = bool(config.eval_every) and (step % config.eval_every == 0
+                                                      or step == config.steps)
+            if (evaluating or stop.requested or step % config.log_every == 0
+                    or step in (run.start + 1, config.steps)):
+                fetched = jax.device_get(pending)
+                for metrics in fetched:
+                    coactivation.add(metrics["moe"])
+                last = _scalar_metrics(fetched)
+                elapsed = time.perf_counter() - tic
+                last.update(moe_layers=moe_layers, step_time_s=elapsed / len(pending),
+                            tokens_per_s=tokens_per_step * len(pending) / elapsed,
+                            lr=float(run.schedule(step - 1)))
+                if evaluating:
+                    last["val_loss"] = evaluate(params)
+                    writer.print(f"step {step}: loss {last['loss']:.4f} "
+                                 f"val_loss {last['val_loss']:.4f}")
+                writer.write(step, last)
+                writer.advance(len(pending))
+                pending = []
+                tic = time.perf_counter()
+            if replace_every and step % replace_every == 0 and coactivation.total is not None:
+                paths = [("blocks", i, "ffn") for i in moe_layers]
+                params, opt_state, report = online_placement.replace_experts(
+                    params, opt_state, coactivation.total, paths, run.mesh.shape["expert"],
+                    config.placement.method)
+                coactivation.reset()
+                writer.print(f"step {step}: re-placed experts; C_T (pairwise) per layer "
+                             + ", ".join(f"{a:.3f}→{b:.3f}" for a, b in report))
+            if stop.should_stop(step, config.log_every):
+                writer.print(f"stop requested: checkpointing step {step} and exiting")
+                break
+            if config.checkpoint_every and step % config.checkpoint_every == 0:
+                save(step)
+        if saved != step:
+            save(step)
+    run.checkpointer.close()
+    writer.close()
+    return {"step": step, **last}

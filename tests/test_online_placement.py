@@ -1,0 +1,45 @@
+"""Online placement: re-placing mid-run follows the co-activation and training continues."""
+
+from __future__ import annotations
+
+import numpy as np
+import optax
+from conftest import mesh_or_skip
+from flax import nnx
+from test_train import losses, tiny_config
+
+import occult_jax as oj
+from occult_jax import online_placement, placement, train_lib
+
+
+def test_replace_experts_lowers_the_pairwise_cost():
+    mesh = mesh_or_skip(4, 2)
+    cfg = oj.MoEConfig(num_experts=8, top_k=2, d_model=8, d_ff=4, dispatch="occult")
+    layer = oj.MoELayer(cfg, mesh=mesh, rngs=nnx.Rngs(0))
+    optimizer = nnx.Optimizer(layer, optax.adam(1e-3), wrt=nnx.Param)
+    rng = np.random.default_rng(0)
+    pairs = rng.permutation(8).reshape(4, 2)  # hidden pairs, split by the identity placement
+    counts = rng.integers(0, 3, (8, 8))
+    for a, b in pairs:
+        counts[a, b] += 100
+    counts = np.triu(counts, 1) + np.triu(counts, 1).T
+    before = placement.pairwise_cost(counts, np.arange(8) // 2)
+    params, opt_state = nnx.state(layer), nnx.state(optimizer)
+    params, opt_state, report = online_placement.replace_experts(
+        params, opt_state, counts[None], [()], num_devices=4)
+    after_devices = np.asarray(params["placement"][...]) // 2
+    assert report[0][0] == before
+    assert report[0][1] == placement.pairwise_cost(counts, after_devices) < before
+    for a, b in pairs:  # each hidden pair now shares a device
+        assert after_devices[a] == after_devices[b]
+
+
+def test_training_with_online_placement(tmp_path):
+    mesh_or_skip(4, 2)
+    straight = tmp_path / "straight"
+    train_lib.train_and_evaluate(tiny_config(straight), progress=False)
+    placed = tmp_path / "placed"
+    train_lib.train_and_evaluate(tiny_config(placed, **{"placement.every": 3}), progress=False)
+    a, b = losses(straight), losses(placed)
+    np.testing.assert_allclose([b[s] for s in range(1, 7)], [a[s] for s in range(1, 7)],
+                               rtol=1e-4)

@@ -1,0 +1,154 @@
+"""The training program: resume is bit-exact, config front ends agree, bad values fail early."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+from conftest import mesh_or_skip
+
+from occult_jax import frontends, metrics, run_config, train_lib
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGS = os.path.join(ROOT, "configs")
+
+
+def tiny_config(workdir, **changes):
+    config = frontends.load_config(os.path.join(CONFIGS, "default.py"))
+    config.update(steps=6, batch_size=8, seq_len=16, log_every=1, eval_every=0,
+                  checkpoint_every=0, workdir=str(workdir))
+    config.model.update(num_layers=1, d_model=32, num_heads=2, vocab_size=256)
+    config.moe.update(d_ff=16)
+    config.data.max_bytes = 200_000
+    for key, value in changes.items():
+        section, _, field = key.rpartition(".")
+        (config[section] if section else config)[field] = value
+    return config
+
+
+def losses(workdir):
+    records = metrics.read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+    return {r["step"]: r["loss"] for r in records}
+
+
+def test_resume_is_bit_exact(tmp_path):
+    mesh_or_skip(expert=4, data=2)
+    straight = tmp_path / "straight"
+    train_lib.train_and_evaluate(tiny_config(straight), progress=False)
+    resumed = tmp_path / "resumed"
+    config = tiny_config(resumed, checkpoint_every=2, keep_checkpoints=2)
+    out = train_lib.train_and_evaluate(config, stop_after=3, progress=False)  # "preempted"
+    assert out["step"] == 3
+    assert os.path.isdir(resumed / "checkpoints" / "3")
+    train_lib.train_and_evaluate(config, progress=False)  # resumes from step 3
+    a, b = losses(straight), losses(resumed)
+    assert sorted(b) == list(range(1, 7))
+    assert a[1] > a[6]
+    for step in range(1, 7):
+        assert a[step] == b[step], (step, a[step], b[step])  # bit for bit
+    assert sorted(os.listdir(resumed / "checkpoints")) == ["4", "6"]  # the last K kept
+
+
+def test_init_from_loads_params_only(tmp_path):
+    mesh_or_skip(expert=4, data=2)
+    source = tmp_path / "source"
+    train_lib.train_and_evaluate(tiny_config(source, steps=2), progress=False)
+    tuned = tmp_path / "tuned"
+    config = tiny_config(tuned, steps=1, init_from=str(source))
+    train_lib.train_and_evaluate(config, progress=False)
+    first_fresh = losses(source)[1]
+    first_tuned = losses(tuned)[1]
+    assert first_tuned < first_fresh  # started from trained params, optimizer fresh
+    wider = tiny_config(tmp_path / "wider", steps=1, init_from=str(source))
+    wider.moe.d_ff = 32
+    with pytest.raises(run_config.ConfigError, match="does not fit this model") as info:
+        train_lib.setup(wider, wider.workdir)
+    assert "\n" not in str(info.value)
+
+
+def test_stop_signal_turns_sigterm_into_a_flag():
+    import signal
+
+    with train_lib.StopSignal() as stop:
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stop.requested
+    assert signal.getsignal(signal.SIGTERM) is not stop._handle
+
+
+def _flag_config(argv):
+    """Parses `--config=...` style flags the way train.py does (ml_collections config_flags)."""
+    from absl import flags
+    from ml_collections import config_flags
+
+    values, argv = flags.FlagValues(), ["train.py", *argv]
+    config_flags.DEFINE_config_file("config", os.path.join(CONFIGS, "default.py"),
+                                    flag_values=values, lock_config=False, sys_argv=argv)
+    values(argv)
+    return values.config
+
+
+def test_gin_and_config_flags_agree():
+    default = frontends.load_config(os.path.join(CONFIGS, "default.py"))
+    # default.gin is the default config: applied over a different config, it restores it
+    small = frontends.load_config(os.path.join(CONFIGS, "olmoe_1b7b.py") + ":small")
+    assert small.to_dict() != default.to_dict()
+    restored = frontends.apply_gin(small, [os.path.join(CONFIGS, "default.gin")])
+    assert restored.to_dict() == default.to_dict()
+    # the same overrides through both syntaxes
+    by_flags = _flag_config(["--config.moe.top_k=4", "--config.steps=7",
+                             "--config.moe.dispatch=standard", "--config.optim.lr=0.01"])
+    by_gin = frontends.apply_gin(default, [os.path.join(CONFIGS, "default.gin")],
+                                 ["moe.top_k=4", "config.steps=7", "moe.dispatch='standard'",
+                                  "optim.lr=0.01"])
+    assert by_gin.to_dict() == by_flags.to_dict()
+    assert by_gin.moe.top_k == 4 and default.moe.top_k == 2  # the base is not modified
+    by_flags = _flag_config([f"--config={os.path.join(CONFIGS, 'olmoe_1b7b.py')}:small"])
+    assert by_flags.to_dict() == small.to_dict()
+
+
+@pytest.mark.parametrize("binding,match", [
+    ("moe.topk=4", "no field 'moe.topk'"),
+    ("nothing.x=1", "No configurable matching 'nothing'"),
+    ("moe.top_k='x'", "moe.top_k='x'"),
+    ("config.moe=1", "is a section"),
+])
+def test_gin_errors_are_one_line(binding, match):
+    default = frontends.load_config(os.path.join(CONFIGS, "default.py"))
+    with pytest.raises(ValueError, match=match) as info:
+        frontends.apply_gin(default, [], [binding])
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("changes,match", [
+    ({"steps": 0}, "steps=0 must be a positive integer"),
+    ({"batch_size": 12}, "batch_size=12 is not divisible by the 8 devices"),
+    ({"data.path": "/no/such/file.txt"}, "does not exist"),
+    ({"mesh.expert": 3}, "mesh.expert=3 does not divide the 8 devices"),
+    ({"moe.num_experts": 6, "moe.top_k": 2}, "num_experts=6 is not divisible by mesh.expert"),
+    ({"moe.dispatch": "fast"}, "dispatch='fast' is unknown"),
+    ({"moe.top_k": 9}, "top_k=9 exceeds num_experts"),
+    ({"model.num_heads": 3}, "not divisible by model.num_heads=3"),
+    ({"model.vocab_size": 100}, "raise model.vocab_size"),
+    ({"seq_len": 10**7}, "fewer than seq_len"),
+    ({"optim.lr": -1.0}, "optim.lr=-1.0 must be > 0"),
+    ({"data.val_fraction": 1.0}, "val_fraction=1.0 must be in"),
+    ({"init_from": "/no/such/run"}, "init_from="),
+])
+def test_bad_config_values_fail_before_compiling(tmp_path, changes, match):
+    mesh_or_skip(expert=4, data=2)
+    config = tiny_config(tmp_path, **changes)
+    with pytest.raises(run_config.ConfigError, match=match) as info:
+        train_lib.setup(config, str(tmp_path))
+    assert "\n" not in str(info.value)
+
+
+def test_cli_reports_config_errors_in_one_line(tmp_path):
+    result = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "train.py"), "--config.steps=0",
+         f"--config.workdir={tmp_path}"], capture_output=True, text=True, timeout=120,
+        env={**os.environ, "PYTHONPATH": ROOT})
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1] == (
+        "error: steps=0 must be a positive integer.")
