@@ -9,16 +9,13 @@ head_dim 128), the YaRN RoPE extension and device-limited routing.
     python train.py --config=configs/deepseek_v2_lite.py:small   # 4 layers, d_model 1024: 2 GPUs
 """
 
-import importlib.util
 import os
+
+from occult_jax.frontends import load_config
 
 
 def _default():
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "default.py")
-    spec = importlib.util.spec_from_file_location("_occult_default_config", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+    return load_config(os.path.join(os.path.dirname(os.path.abspath(__file__)), "default.py"))
 
 
 def get_config(variant: str = ""):

@@ -9,16 +9,13 @@ Point `data.path` at a pre-tokenised .bin/.npy (GPT-NeoX tokenizer) for real tra
 default byte corpus works but only uses 256 of the 50304 ids.
 """
 
-import importlib.util
 import os
+
+from occult_jax.frontends import load_config
 
 
 def _default():
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "default.py")
-    spec = importlib.util.spec_from_file_location("_occult_default_config", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+    return load_config(os.path.join(os.path.dirname(os.path.abspath(__file__)), "default.py"))
 
 
 def get_config(variant: str = ""):

@@ -9,16 +9,13 @@ theta 1e6, no top-k renormalisation.
 here (2 in `small`). For real training point `data.path` at Qwen-tokenised .bin/.npy data.
 """
 
-import importlib.util
 import os
+
+from occult_jax.frontends import load_config
 
 
 def _default():
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "default.py")
-    spec = importlib.util.spec_from_file_location("_occult_default_config", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+    return load_config(os.path.join(os.path.dirname(os.path.abspath(__file__)), "default.py"))
 
 
 def get_config(variant: str = ""):

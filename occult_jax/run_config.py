@@ -24,13 +24,18 @@ def _require(ok: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+def _known_fields(section: str, values: dict, cls: type) -> dict:
+    """values, after checking each is a field of the dataclass cls (one-line error if not)."""
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - fields)
+    _require(not unknown, f"config.{section} has unknown fields {unknown}; {cls.__name__} takes "
+                          f"{sorted(fields)}.")
+    return values
+
+
 def moe_config(config: Any) -> MoEConfig:
     """The `MoEConfig` of `config.moe`; d_model and the compute dtype come from `config.model`."""
-    fields = {f.name for f in dataclasses.fields(MoEConfig)}
-    values = dict(config.moe.items())
-    unknown = sorted(set(values) - fields)
-    _require(not unknown, f"config.moe has unknown fields {unknown}; MoEConfig takes "
-                          f"{sorted(fields)}.")
+    values = _known_fields("moe", dict(config.moe.items()), MoEConfig)
     if not values.get("shared_d_ff"):
         values["shared_d_ff"] = None
     values.update(d_model=config.model.d_model, dtype=config.model.dtype)
@@ -38,12 +43,7 @@ def moe_config(config: Any) -> MoEConfig:
 
 
 def model_config(config: Any) -> ModelConfig:
-    fields = {f.name for f in dataclasses.fields(ModelConfig)}
-    values = dict(config.model.items())
-    unknown = sorted(set(values) - fields)
-    _require(not unknown, f"config.model has unknown fields {unknown}; ModelConfig takes "
-                          f"{sorted(fields)}.")
-    return ModelConfig(**values)
+    return ModelConfig(**_known_fields("model", dict(config.model.items()), ModelConfig))
 
 
 def mesh_shape(config: Any, num_devices: int) -> tuple[int, int]:
