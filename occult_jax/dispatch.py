@@ -113,9 +113,11 @@ def _global_stats(routing: routing_lib.Routing, local: dict, cfg: MoEConfig,
     stats["expert_load"] = jax.lax.psum(terms["load"], all_axes)
     stats["coactivation"] = jax.lax.psum(
         routing_lib.coactivation(routing.expert_ids, cfg.num_experts), all_axes)
+    stats.update(jax.lax.psum(routing_lib.logit_moments(routing.logits), all_axes))
     totals = jax.lax.psum(local, all_axes)
     tokens = jax.lax.psum(routing.expert_ids.shape[0], all_axes)
     stats["ct"] = totals.pop("ct_sum") / tokens
+    stats["tokens"] = jnp.asarray(tokens, jnp.int32)
     stats.update(totals)
     return stats
 
@@ -143,6 +145,7 @@ def reference_moe(x: jax.Array, weights: ExpertWeights, expert_slot: jax.Array,
     device = expert_slot[routing.expert_ids] // experts_per_device
     distinct = jnp.sum(jax.nn.one_hot(device, num_devices).max(axis=1), axis=-1)
     stats.update(dropped=jnp.int32(0), wire_rows=jnp.int32(0), wire_bytes=jnp.float32(0),
-                 ct=jnp.mean(distinct),
-                 coactivation=routing_lib.coactivation(routing.expert_ids, cfg.num_experts))
+                 ct=jnp.mean(distinct), tokens=jnp.asarray(tokens, jnp.int32),
+                 coactivation=routing_lib.coactivation(routing.expert_ids, cfg.num_experts),
+                 **routing_lib.logit_moments(routing.logits))
     return y, stats

@@ -67,8 +67,9 @@ class MoELayer(nnx.Module):
 
     `layer(x)` with x [batch, seq, d_model] returns (y of the same shape, stats). stats holds
     aux_loss, z_loss, expert_load [E], coactivation [E, E] (tokens that chose both experts; sum
-    it over steps for placement), ct (mean devices per token), dropped (assignments lost to
-    capacity), wire_rows and wire_bytes (sent off-device, forward, summed over devices).
+    it over steps for placement), logit_sum [E] / logit_gram [E, E] / tokens (router-logit
+    moments, for similarity calibration), ct (mean devices per token), dropped (assignments lost
+    to capacity), wire_rows and wire_bytes (sent off-device, forward, summed over devices).
     """
 
     def __init__(self, cfg: MoEConfig, *, mesh: Mesh | None = None, rngs: nnx.Rngs):
@@ -110,7 +111,10 @@ class MoELayer(nnx.Module):
         """Store the cosine similarity of experts' router-logit columns over tokens x [..., d]."""
         logits = jnp.dot(x.reshape(-1, self.cfg.d_model).astype(jnp.float32),
                          self.router[...].astype(jnp.float32))
-        self.similarity[...] = pruning.similarity_from_logits(logits)
+        self.set_similarity(pruning.similarity_from_logits(logits))
+
+    def set_similarity(self, similarity: jax.Array) -> None:
+        self.similarity[...] = jnp.asarray(similarity, jnp.float32)
         self.similarity_calibrated[...] = jnp.asarray(True)
 
     def __call__(self, x: jax.Array) -> tuple[jax.Array, dict]:

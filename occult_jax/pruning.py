@@ -26,11 +26,19 @@ import jax.numpy as jnp
 NEG = -1e30
 
 
+def similarity_from_moments(logit_sum: jax.Array, logit_gram: jax.Array,
+                            tokens: jax.Array) -> jax.Array:
+    """Cosine similarity of the (centred) router-logit columns, from their summed moments."""
+    mean = logit_sum / tokens
+    cov = logit_gram / tokens - jnp.outer(mean, mean)
+    scale = jnp.sqrt(jnp.maximum(jnp.diag(cov), 1e-12))
+    return cov / jnp.outer(scale, scale)
+
+
 def similarity_from_logits(logits: jax.Array) -> jax.Array:
     """Cosine similarity of experts' router-logit columns over calibration tokens [T, E]."""
-    cols = logits.astype(jnp.float32) - jnp.mean(logits, axis=0, keepdims=True)
-    cols = cols / (jnp.linalg.norm(cols, axis=0, keepdims=True) + 1e-9)
-    return cols.T @ cols
+    logits = logits.astype(jnp.float32)
+    return similarity_from_moments(jnp.sum(logits, axis=0), logits.T @ logits, logits.shape[0])
 
 
 def similarity_from_router(router_kernel: jax.Array) -> jax.Array:

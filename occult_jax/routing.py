@@ -64,6 +64,14 @@ def loss_terms(routing: Routing, num_experts: int) -> dict[str, jax.Array]:
     }
 
 
+def logit_moments(logits: jax.Array) -> dict[str, jax.Array]:
+    """Σ logits [E] and Σ logitsᵀ·logits [E, E]: summed over tokens (and devices) they give the
+    expert similarity of the "similarity" prune rule (pruning.similarity_from_moments)."""
+    logits = logits.astype(jnp.float32)
+    return {"logit_sum": jnp.sum(logits, axis=0),
+            "logit_gram": jnp.dot(logits.T, logits, preferred_element_type=jnp.float32)}
+
+
 def coactivation(expert_ids: jax.Array, num_experts: int) -> jax.Array:
     """[T, k] ids → [E, E] int32 counts of tokens that chose both i and j (zero diagonal)."""
     chosen = jnp.zeros((expert_ids.shape[0], num_experts), jnp.float32).at[

@@ -76,6 +76,8 @@ def validate(config: Any, num_devices: int) -> tuple[ModelConfig, MoEConfig, tup
         _require(config[name] >= 0, f"{name}={config[name]} must be >= 0 (0 turns it off).")
     _require(config.keep_checkpoints >= 1, f"keep_checkpoints={config.keep_checkpoints} must "
                                            "be >= 1.")
+    _require(config.calibration_batches >= 1,
+             f"calibration_batches={config.calibration_batches} must be >= 1.")
     every = config.placement.every
     _require(every >= 0 and every % config.log_every == 0,
              f"placement.every={every} must be 0 (off) or a multiple of "

@@ -27,10 +27,10 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
+from occult_jax import calibration, online_placement, run_config
 from occult_jax import checkpoint as ckpt_lib
 from occult_jax import data as data_lib
 from occult_jax import metrics as metrics_lib
-from occult_jax import online_placement, run_config
 from occult_jax.mesh import make_mesh
 from occult_jax.model import Transformer, batch_sharding, count_params
 from occult_jax.run_config import ConfigError
@@ -247,6 +247,16 @@ def setup(config: Any, workdir: str) -> Run:
                opt_state, checkpointer, start, notes)
 
 
+def _needs_calibration(run: Run) -> bool:
+    """A fresh run that prunes with the "similarity" rule and has no calibration yet."""
+    moe = run.model.moe_cfg
+    if run.start or moe is None or moe.max_devices_per_token is None:
+        return False
+    if moe.prune_rule != "similarity":
+        return False
+    return not calibration.is_calibrated(nnx.merge(run.model_def, run.params))
+
+
 def _scalar_metrics(step_metrics: list[dict]) -> dict[str, Any]:
     last = step_metrics[-1]
     out = {"loss": float(last["loss"]), "total_loss": float(last["total_loss"]),
@@ -303,6 +313,13 @@ def train_and_evaluate(config: Any, workdir: str | None = None, *,
 
     tic = time.perf_counter()
     params, opt_state, step = run.params, run.opt_state, run.start
+    if _needs_calibration(run):
+        model = nnx.merge(run.model_def, params)
+        seen = calibration.calibrate(
+            model, [batch(i)[:, :-1] for i in range(config.calibration_batches)])
+        params = _replicate_strays(nnx.state(model), run.mesh)
+        writer.print(f"calibrated expert similarity for the 'similarity' prune rule on "
+                     f"{seen:,} tokens")
     compiled = train_step.lower(params, opt_state, batch(step)).compile()
     writer.print(f"compiled the train step in {time.perf_counter() - tic:.1f}s")
 

@@ -1,0 +1,72 @@
+"""Pruning flow: similarity calibration from logit moments, fine-tuning, the quality command."""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from conftest import mesh_or_skip
+from flax import nnx
+from test_train import tiny_config
+
+import occult_jax as oj
+from occult_jax import calibration, pruning_eval, train_lib
+
+
+class OneLayer(nnx.Module):
+    """A model whose stats are stacked per MoE layer, as calibration expects."""
+
+    def __init__(self, cfg, mesh):
+        self.moe = oj.MoELayer(cfg, mesh=mesh, rngs=nnx.Rngs(0))
+
+    def __call__(self, x):
+        y, stats = self.moe(x)
+        return y, jax.tree.map(lambda a: a[None], stats)
+
+
+def test_calibration_is_the_cosine_of_logit_columns():
+    mesh = mesh_or_skip(4, 2)
+    cfg = oj.MoEConfig(num_experts=8, top_k=2, d_model=16, d_ff=8, dispatch="occult")
+    model = OneLayer(cfg, mesh)
+    rng = np.random.default_rng(0)
+    batches = [jnp.asarray(rng.standard_normal((2, 32, 16)), jnp.float32) for _ in range(3)]
+    assert not calibration.is_calibrated(model)
+    assert calibration.calibrate(model, batches) == 3 * 64
+    assert calibration.is_calibrated(model)
+    x = np.concatenate([np.asarray(b).reshape(-1, 16) for b in batches]).astype(np.float64)
+    logits = x @ np.asarray(model.moe.router[...], np.float64)
+    centred = logits - logits.mean(0)
+    unit = centred / np.linalg.norm(centred, axis=0)
+    np.testing.assert_allclose(np.asarray(model.moe.similarity[...]), unit.T @ unit, atol=2e-4)
+
+
+def test_finetuning_with_similarity_rule_stores_calibration(tmp_path):
+    mesh_or_skip(4, 2)
+    base = tmp_path / "base"
+    train_lib.train_and_evaluate(tiny_config(base, steps=2), progress=False)
+    tuned = tmp_path / "tuned"
+    config = tiny_config(tuned, steps=2, init_from=str(base), **{
+        "moe.max_devices_per_token": 1, "moe.prune_rule": "similarity"})
+    out = train_lib.train_and_evaluate(config, progress=False)
+    assert max(out["ct"]) == 1.0
+    run = train_lib.setup(config, str(tuned))  # resumes the fine-tuned checkpoint
+    run.checkpointer.close()
+    assert calibration.is_calibrated(nnx.merge(run.model_def, run.params))
+
+
+def test_quality_command(tmp_path, monkeypatch):
+    mesh_or_skip(4, 2)
+    config = tiny_config(tmp_path / "unused")
+    monkeypatch.setattr(pruning_eval.frontends, "load_config", lambda _: config)
+    rows = pruning_eval.main(["--workdir", str(tmp_path), "--base_steps", "3",
+                              "--finetune_steps", "2", "--cap", "1", "--eval_batches", "1"])
+    names = list(rows)
+    assert len(names) == 4
+    assert all(ct == 1.0 for name in names[1:3] for ct in rows[name]["ct_per_layer"])
+    assert all(ct > 1.0 for ct in rows[names[0]]["ct_per_layer"])
+    for r in rows.values():
+        assert np.isfinite(r["val_loss"]) and np.isclose(r["perplexity"], np.exp(r["val_loss"]))
+    saved = json.loads((tmp_path / "pruning_eval_cap1_similarity.json").read_text())
+    assert list(saved) == names
