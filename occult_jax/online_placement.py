@@ -18,19 +18,22 @@ from occult_jax.relocate import apply_placement, slots_from_devices
 
 
 class CoactivationSum:
-    """Running [L, E, E] co-activation counts of the model's MoE layers."""
+    """Running [L, E, E] co-activation counts and [L, E] expert loads of the MoE layers."""
 
     def __init__(self):
         self.total: np.ndarray | None = None
+        self.load: np.ndarray | None = None
 
     def add(self, moe_stats: dict[str, Any]) -> None:
         if "coactivation" not in moe_stats:
             return
         counts = np.asarray(moe_stats["coactivation"], np.int64)
+        load = np.asarray(moe_stats["expert_load"], np.int64)
         self.total = counts if self.total is None else self.total + counts
+        self.load = load if self.load is None else self.load + load
 
     def reset(self) -> None:
-        self.total = None
+        self.total = self.load = None
 
 
 def replace_experts(params: Any, opt_state: Any, coactivation: np.ndarray,
