@@ -368,9 +368,13 @@ def train_and_evaluate(config: Any, workdir: str | None = None, *,
                 params, opt_state, report = online_placement.replace_experts(
                     params, opt_state, coactivation.total, paths, run.mesh.shape["expert"],
                     config.placement.method)
+                load = coactivation.load
+                imbalance = load.max(axis=-1) / np.maximum(load.mean(axis=-1), 1e-9)
                 coactivation.reset()
                 writer.print(f"step {step}: re-placed experts; C_T (pairwise) per layer "
-                             + ", ".join(f"{a:.3f}→{b:.3f}" for a, b in report))
+                             + ", ".join(f"{a:.3f}→{b:.3f}" for a, b in report)
+                             + "; expert load max/mean since the last re-placement "
+                             + ", ".join(f"{x:.2f}" for x in imbalance))
             if stop.should_stop(step, config.log_every):
                 writer.print(f"stop requested: checkpointing step {step} and exiting")
                 break
