@@ -47,6 +47,10 @@ def parse_args(argv=None):
     p.add_argument("--planted", action="store_true",
                    help="router and tokens with hidden expert clusters (structured routing)")
     p.add_argument("--no-ragged-decomposer", action="store_true")
+    p.add_argument("--blocked-rows", type=int, default=None,
+                   help="override experts.BLOCKED_ROWS (rows per expert-aligned block)")
+    p.add_argument("--blocked-chunk", type=int, default=None,
+                   help="override experts.BLOCKED_CHUNK (blocks per loop step)")
     p.add_argument("--breakdown", action="store_true",
                    help="also time each variant with identity experts (route + plan + exchange "
                         "only); the difference is the expert compute and its gathers")
@@ -71,6 +75,10 @@ def main(argv=None):
     from flax import nnx
 
     import occult_jax as oj
+    from occult_jax import experts
+
+    experts.BLOCKED_ROWS = args.blocked_rows or experts.BLOCKED_ROWS
+    experts.BLOCKED_CHUNK = args.blocked_chunk or experts.BLOCKED_CHUNK
 
     def timed(fn, *a):
         jax.block_until_ready(fn(*a))
@@ -85,8 +93,8 @@ def main(argv=None):
     n = args.devices or jax.device_count()
     mesh = oj.make_mesh(expert=n, data=1)
     print(f"jax {jax.__version__} on {n} × {jax.devices()[0].device_kind}; "
-          f"{args.tokens} tokens/device; XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}",
-          flush=True)
+          f"{args.tokens} tokens/device; blocked gmm {experts.BLOCKED_ROWS} rows × "
+          f"{experts.BLOCKED_CHUNK}; XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}", flush=True)
     rows = []
     for shape in args.shapes.split(","):
         e, k, d, f, shared, shared_f = SHAPES[shape]
