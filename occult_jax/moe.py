@@ -101,9 +101,10 @@ class MoELayer(nnx.Module):
         return 1 if self.mesh is None else self._axis_size(self.cfg, self.mesh)
 
     def expert_weights(self) -> ExpertWeights:
-        router = self.router[...]
-        fallback = jax.lax.stop_gradient(pruning.similarity_from_router(router))
-        similarity = jnp.where(self.similarity_calibrated[...], self.similarity[...], fallback)
+        router, similarity = self.router[...], self.similarity[...]
+        if self.cfg.max_devices_per_token is not None and self.cfg.prune_rule == "similarity":
+            fallback = jax.lax.stop_gradient(pruning.similarity_from_router(router))
+            similarity = jnp.where(self.similarity_calibrated[...], similarity, fallback)
         return ExpertWeights(router, self.w_gate[...], self.w_up[...], self.w_down[...],
                              similarity)
 
