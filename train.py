@@ -22,9 +22,9 @@ def _host_devices(argv: list[str]) -> int:
 
 
 # Before JAX initialises: only the CPU backend reads this flag, so GPU/TPU runs are unaffected.
-if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_"
-                               f"device_count={_host_devices(sys.argv)}").strip()
+from occult_jax.host_devices import request_cpu_devices  # noqa: E402
+
+request_cpu_devices(_host_devices(sys.argv))
 
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402

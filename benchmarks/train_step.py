@@ -29,12 +29,11 @@ def main(argv=None):
     args = p.parse_args(argv)
 
     os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
-    if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
-        # 8 fake devices when JAX runs on the CPU (GPU and TPU backends ignore this flag)
-        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
-                                   + " --xla_force_host_platform_device_count=8").strip()
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     sys.path.insert(0, root)
+    from occult_jax.host_devices import request_cpu_devices
+
+    request_cpu_devices(8)  # 8 fake devices when JAX runs on the CPU
     import jax
 
     from occult_jax import frontends, train_lib

@@ -25,6 +25,7 @@ from flax import nnx
 
 from occult_jax import calibration, frontends, train_lib
 from occult_jax import data as data_lib
+from occult_jax.host_devices import request_cpu_devices
 from occult_jax.model import batch_sharding
 
 
@@ -116,7 +117,5 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
-        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
-                                   + " --xla_force_host_platform_device_count=8").strip()
+    request_cpu_devices(8)
     main()

@@ -1,13 +1,11 @@
 """Test setup: 8 fake CPU devices (before JAX initialises) and mesh helpers."""
 
-import os
+from occult_jax.host_devices import request_cpu_devices
 
-if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
-                               + " --xla_force_host_platform_device_count=8").strip()
+request_cpu_devices(8)  # before JAX initialises its backends
 
-import jax
-import pytest
+import jax  # noqa: E402
+import pytest  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
