@@ -2,8 +2,10 @@
 heads, 64 routed experts top-6 of width 1408 plus 2 shared experts of width 1408, vocab 102400,
 untied head, no top-k renormalisation.
 
-Not modelled: Multi-head Latent Attention (MLA; standard multi-head attention with RoPE is used,
-head_dim 128), the YaRN RoPE extension and device-limited routing.
+Left off here: multi-head latent attention (standard multi-head attention with RoPE is used,
+head_dim 128) and the YaRN RoPE extension. The model implements both (`model.attention="mla"`,
+`model.rope_scaling="yarn"`); `--config.init_from=hf:PATH` loads the released checkpoint with its
+exact architecture (docs/hf_import.md).
 
     python train.py --config=configs/deepseek_v2_lite.py
     python train.py --config=configs/deepseek_v2_lite.py:small   # 4 layers, d_model 1024: 2 GPUs

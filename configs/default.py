@@ -42,7 +42,8 @@ def get_config() -> config_dict.ConfigDict:
     c.checkpoint_every = 100  # 0: only at the end and on SIGTERM/SIGINT
     c.keep_checkpoints = 3
     c.calibration_batches = 4  # batches that calibrate the "similarity" prune rule
-    c.init_from = ""  # a workdir or checkpoint step folder to load params from (fine-tuning)
+    c.init_from = ""  # fine-tuning: a workdir or checkpoint step folder to load params from,
+    # or "hf:PATH", a Hugging Face checkpoint folder (its config.json sets model and moe shapes)
 
     c.mesh = config_dict.ConfigDict({"expert": 4, "data": -1})  # -1: the remaining devices
 

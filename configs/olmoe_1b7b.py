@@ -1,6 +1,7 @@
 """OLMoE-1B-7B shapes (Muennighoff et al. 2024): 16 layers, d_model 2048, 16 heads, 64 experts
 top-8 of width 1024, no shared expert, vocab 50304, untied head, no top-k renormalisation.
-QK-norm is not modelled.
+QK-norm (`model.qk_norm`) is left off here; `--config.init_from=hf:PATH` loads the released
+checkpoint with its exact architecture (docs/hf_import.md).
 
     python train.py --config=configs/olmoe_1b7b.py          # full size (a multi-GPU host)
     python train.py --config=configs/olmoe_1b7b.py:small    # 4 layers, d_model 1024: 2 GPUs

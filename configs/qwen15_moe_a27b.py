@@ -7,6 +7,8 @@ theta 1e6, no top-k renormalisation.
 
 60 experts split over an expert axis of 2, 4, 6, 10, ... devices (not 8): mesh.expert is 4
 here (2 in `small`). For real training point `data.path` at Qwen-tokenised .bin/.npy data.
+The q/k/v biases (`model.qkv_bias`) are left off here; `--config.init_from=hf:PATH` loads the
+released checkpoint with its exact architecture (docs/hf_import.md).
 """
 
 import os

@@ -15,9 +15,10 @@ __version__ = "0.1.0"
 
 
 def __getattr__(name: str):
-    """`oj.placement` loads on first use, so `python -m occult_jax.placement` imports it once."""
-    if name == "placement":
+    """`oj.placement` and `oj.hf` load on first use: `python -m occult_jax.placement` imports
+    it once, and importing occult_jax stays light."""
+    if name in ("placement", "hf"):
         import importlib
 
-        return importlib.import_module("occult_jax.placement")
+        return importlib.import_module(f"occult_jax.{name}")
     raise AttributeError(f"module 'occult_jax' has no attribute {name!r}")

@@ -8,7 +8,7 @@ import math
 DISPATCHES = ("reference", "standard", "occult")
 TRANSPORTS = ("dense", "ragged")
 SCORE_FNS = ("softmax", "sigmoid")
-EXPERT_MATMULS = ("auto", "ragged_dot", "blocked", "einsum")
+EXPERT_MATMULS = ("auto", "pallas", "ragged_dot", "blocked", "einsum")
 PRUNE_RULES = ("score", "group_score", "similarity")
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -35,11 +35,14 @@ class MoEConfig:
     transport: str = "dense"
     score_fn: str = "softmax"
     renormalize: bool = True
+    routed_scaling_factor: float = 1.0  # multiplies the combine weights (DeepSeek)
+    num_expert_groups: int = 0  # group-limited top-k over fixed groups of E/G experts; 0: off
+    topk_groups: int = 0  # groups a token may use (ranked by their best score)
     capacity_factor: float | None = None
     num_shared_experts: int = 0
     shared_d_ff: int | None = None  # width of each shared expert; defaults to d_ff
     shared_expert_gate: bool = False  # Qwen2-MoE style sigmoid gate on the shared output
-    expert_matmul: str = "auto"
+    expert_matmul: str = "auto"  # "auto" | "pallas" | "ragged_dot" | "blocked" | "einsum"
     max_devices_per_token: int | None = None  # collaboration pruning: cap devices per token
     prune_rule: str = "score"  # "score" | "group_score" | "similarity" (see pruning.py)
     dtype: str = "float32"  # compute dtype of activations and expert matmuls
@@ -81,6 +84,9 @@ def validate(cfg: MoEConfig) -> None:
     _one_of("transport", cfg.transport, TRANSPORTS)
     _one_of("score_fn", cfg.score_fn, SCORE_FNS)
     _one_of("expert_matmul", cfg.expert_matmul, EXPERT_MATMULS)
+    _require(cfg.expert_matmul != "pallas" or (cfg.d_model % 128 == 0 and cfg.d_ff % 128 == 0),
+             f"MoEConfig.expert_matmul='pallas' needs d_model and d_ff to be multiples of 128 "
+             f"(got {cfg.d_model}, {cfg.d_ff}); use 'auto' or 'ragged_dot'.")
     _one_of("prune_rule", cfg.prune_rule, PRUNE_RULES)
     _require(cfg.max_devices_per_token is None or cfg.max_devices_per_token >= 1,
              f"MoEConfig.max_devices_per_token={cfg.max_devices_per_token!r} must be >= 1, "
@@ -92,6 +98,27 @@ def validate(cfg: MoEConfig) -> None:
              "or None for dropless.")
     _require(cfg.num_shared_experts >= 0,
              f"MoEConfig.num_shared_experts={cfg.num_shared_experts} must be >= 0.")
+    _require(cfg.routed_scaling_factor > 0,
+             f"MoEConfig.routed_scaling_factor={cfg.routed_scaling_factor} must be > 0.")
+    _validate_groups(cfg)
+
+
+def _validate_groups(cfg: MoEConfig) -> None:
+    groups, keep = cfg.num_expert_groups, cfg.topk_groups
+    if not groups:
+        _require(not keep, f"MoEConfig.topk_groups={keep} needs num_expert_groups >= 1.")
+        return
+    _require(groups >= 1 and cfg.num_experts % groups == 0,
+             f"MoEConfig.num_expert_groups={groups} must divide num_experts="
+             f"{cfg.num_experts}.")
+    _require(1 <= keep <= groups, f"MoEConfig.topk_groups={keep} must be in [1, "
+                                  f"num_expert_groups={groups}].")
+    _require(keep * (cfg.num_experts // groups) >= cfg.top_k,
+             f"MoEConfig.topk_groups={keep} groups of {cfg.num_experts // groups} experts hold "
+             f"fewer than top_k={cfg.top_k}; raise topk_groups.")
+    _require(cfg.max_devices_per_token is None,
+             "MoEConfig.num_expert_groups and max_devices_per_token both limit the top-k; "
+             "set one of them.")
 
 
 def validate_for_mesh(cfg: MoEConfig, axis_names: tuple[str, ...], expert_axis_size: int,

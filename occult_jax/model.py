@@ -1,9 +1,12 @@
 """Decoder-only transformer with MoE feed-forward layers, in Flax NNX.
 
 Token embedding → N × [RMSNorm → causal attention (RoPE) → RMSNorm → FFN] → RMSNorm → head.
-The FFN is `oj.MoELayer` on MoE layers (every `moe_every`-th after `first_dense_layers`) and a
-dense SwiGLU elsewhere. Parameters are float32 and replicated, except the expert weights, which
-`MoELayer` shards over the mesh's expert axis; the batch is sharded over every mesh axis.
+The FFN is `oj.MoELayer` on MoE layers (every `moe_every`-th after `first_dense_layers`, except
+`dense_layers`) and a dense SwiGLU elsewhere. Attention is multi-head (optionally grouped-query,
+with q/k/v biases, OLMoE's q/k RMSNorm and q/k/v clipping) or DeepSeek-V2's multi-head latent
+attention (`attention="mla"`). Parameters are float32 and replicated, except the expert weights,
+which `MoELayer` shards over the mesh's expert axis; the batch is sharded over every mesh axis.
+Every field that the imported architectures need (`oj.hf`) defaults to off.
 """
 
 from __future__ import annotations
@@ -17,9 +20,12 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from occult_jax import mesh as mesh_lib
+from occult_jax import rope as rope_lib
 from occult_jax.config import DTYPES, MoEConfig
 from occult_jax.experts import swiglu
 from occult_jax.moe import MoELayer
+
+ATTENTIONS = ("mha", "mla")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,38 +40,125 @@ class ModelConfig:
     d_ff: int = 256  # width of the dense SwiGLU layers
     moe_every: int = 1  # every n-th layer (from first_dense_layers on) is MoE; 0: no MoE
     first_dense_layers: int = 0  # DeepSeek-style dense layers before the first MoE layer
+    dense_layers: tuple[int, ...] = ()  # further layers forced dense (Qwen2-MoE mlp_only_layers)
     tie_embeddings: bool = True
     rope_theta: float = 10_000.0
     norm_eps: float = 1e-6
     dtype: str = "float32"  # compute dtype; parameters stay float32
+    # attention variants (all off by default)
+    attention: str = "mha"  # "mha" | "mla" (DeepSeek-V2 multi-head latent attention)
+    num_kv_heads: int = 0  # mha: key/value heads (grouped-query attention); 0: num_heads
+    qkv_bias: bool = False  # mha: biases on the q, k and v projections (Qwen)
+    qk_norm: bool = False  # mha: RMSNorm over the whole projected q and k (OLMoE)
+    qkv_clip: float = 0.0  # mha: clip q, k, v to [-c, c] after the norm (OLMoE clip_qkv); 0: off
+    attn_scale: float = 0.0  # softmax scale; 0: 1/sqrt(query-key head dim)
+    q_lora_rank: int = 0  # mla: query down-projection rank; 0: a direct query projection
+    kv_lora_rank: int = 0  # mla: rank of the compressed key/value latent
+    qk_nope_head_dim: int = 0  # mla: per-head query/key dims without RoPE
+    qk_rope_head_dim: int = 0  # mla: per-head query/key dims with RoPE (the key part is shared)
+    v_head_dim: int = 0  # mla: per-head value dim
+    latent_norm_eps: float = 1e-6  # mla: eps of the RMSNorms on the q and kv latents
+    # rotary embedding variants
+    rope_interleaved: bool = False  # rotate pairs (2i, 2i+1) (DeepSeek) instead of halves
+    rope_scaling: str = "none"  # "none" | "yarn"
+    rope_factor: float = 1.0  # yarn: context extension factor
+    rope_original_max_len: int = 0  # yarn: pre-training context length
+    rope_beta_fast: float = 32.0  # yarn: ramp bounds, in rotations
+    rope_beta_slow: float = 1.0
+    rope_truncate: bool = True  # yarn: round the ramp bounds to whole dimensions
+    rope_attention_factor: float = 1.0  # multiplies cos and sin (YaRN's attention_factor)
 
     def __post_init__(self):
+        object.__setattr__(self, "dense_layers", tuple(int(i) for i in self.dense_layers))
         for name in ("vocab_size", "num_layers", "d_model", "num_heads", "d_ff"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"model.{name}={value!r} must be a positive integer.")
-        if self.head_dim == 0 and self.d_model % self.num_heads:
-            raise ValueError(f"model.d_model={self.d_model} is not divisible by "
-                             f"model.num_heads={self.num_heads}; set model.head_dim or change "
-                             "the head count.")
-        if self.resolved_head_dim % 2:
-            raise ValueError(f"head dim {self.resolved_head_dim} must be even for RoPE.")
         if self.moe_every < 0 or self.first_dense_layers < 0:
             raise ValueError("model.moe_every and model.first_dense_layers must be >= 0.")
         if self.dtype not in DTYPES:
             raise ValueError(f"model.dtype={self.dtype!r} is unknown; use one of {DTYPES}.")
+        if self.attention not in ATTENTIONS:
+            raise ValueError(f"model.attention={self.attention!r} is unknown; use one of "
+                             f"{ATTENTIONS}.")
+        if self.attention == "mha":
+            self._validate_mha()
+        else:
+            self._validate_mla()
+        if self.rope_dim % 2:
+            raise ValueError(f"RoPE dim {self.rope_dim} must be even.")
+        if self.rope_scaling not in rope_lib.ROPE_SCALINGS:
+            raise ValueError(f"model.rope_scaling={self.rope_scaling!r} is unknown; use one of "
+                             f"{rope_lib.ROPE_SCALINGS}.")
+        if self.rope_scaling == "yarn" and (self.rope_factor <= 0
+                                            or self.rope_original_max_len < 1):
+            raise ValueError("model.rope_scaling='yarn' needs rope_factor > 0 and "
+                             "rope_original_max_len >= 1.")
+        if self.attn_scale < 0 or self.qkv_clip < 0:
+            raise ValueError("model.attn_scale and model.qkv_clip must be >= 0 (0: default/off).")
+
+    def _validate_mha(self) -> None:
+        if self.head_dim == 0 and self.d_model % self.num_heads:
+            raise ValueError(f"model.d_model={self.d_model} is not divisible by "
+                             f"model.num_heads={self.num_heads}; set model.head_dim or change "
+                             "the head count.")
+        if self.num_kv_heads < 0 or self.num_heads % self.kv_heads:
+            raise ValueError(f"model.num_kv_heads={self.num_kv_heads} must divide "
+                             f"num_heads={self.num_heads} (0: num_heads).")
+
+    def _validate_mla(self) -> None:
+        for name in ("kv_lora_rank", "qk_rope_head_dim", "v_head_dim"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"model.attention='mla' needs model.{name} >= 1.")
+        if self.q_lora_rank < 0 or self.qk_nope_head_dim < 0:
+            raise ValueError("model.q_lora_rank and model.qk_nope_head_dim must be >= 0.")
+        for name in ("num_kv_heads", "qkv_bias", "qk_norm", "qkv_clip"):
+            if getattr(self, name):
+                raise ValueError(f"model.{name} applies to attention='mha' only; unset it for "
+                                 "'mla'.")
 
     @property
     def resolved_head_dim(self) -> int:
         return self.head_dim or self.d_model // self.num_heads
 
+    @property
+    def kv_heads(self) -> int:
+        return self.num_kv_heads or self.num_heads
+
+    @property
+    def qk_head_dim(self) -> int:
+        """Per-head width of queries and keys (what the softmax scale defaults to)."""
+        if self.attention == "mla":
+            return self.qk_nope_head_dim + self.qk_rope_head_dim
+        return self.resolved_head_dim
+
+    @property
+    def rope_dim(self) -> int:
+        return self.qk_rope_head_dim if self.attention == "mla" else self.resolved_head_dim
+
+    @property
+    def softmax_scale(self) -> float:
+        return self.attn_scale or 1.0 / math.sqrt(self.qk_head_dim)
+
     def is_moe(self, layer: int) -> bool:
         i = layer - self.first_dense_layers
-        return self.moe_every > 0 and i >= 0 and i % self.moe_every == 0
+        return (self.moe_every > 0 and i >= 0 and i % self.moe_every == 0
+                and layer not in self.dense_layers)
 
     @property
     def moe_layers(self) -> list[int]:
         return [i for i in range(self.num_layers) if self.is_moe(i)]
+
+    def inverse_frequencies(self) -> jax.Array:
+        return rope_lib.inverse_frequencies(
+            self.rope_dim, self.rope_theta, self.rope_scaling, factor=self.rope_factor,
+            original_max_len=self.rope_original_max_len, beta_fast=self.rope_beta_fast,
+            beta_slow=self.rope_beta_slow, truncate=self.rope_truncate)
+
+    def rope(self, x: jax.Array) -> jax.Array:
+        return rope_lib.apply_rope(x, self.inverse_frequencies(),
+                                   interleaved=self.rope_interleaved,
+                                   attention_factor=self.rope_attention_factor)
 
 
 def _replicated(mesh: Mesh | None, value: jax.Array) -> jax.Array:
@@ -82,6 +175,10 @@ def _init(rngs: nnx.Rngs, mesh: Mesh | None, shape: tuple[int, ...], fan_in: int
     return nnx.Param(_replicated(mesh, value))
 
 
+def _zeros(mesh: Mesh | None, shape: tuple[int, ...]) -> nnx.Param:
+    return nnx.Param(_replicated(mesh, jnp.zeros(shape, jnp.float32)))
+
+
 class RMSNorm(nnx.Module):
     def __init__(self, dim: int, eps: float, mesh: Mesh | None):
         self.scale = nnx.Param(_replicated(mesh, jnp.ones((dim,), jnp.float32)))
@@ -93,34 +190,100 @@ class RMSNorm(nnx.Module):
         return (y * self.scale[...]).astype(x.dtype)
 
 
-def rope(x: jax.Array, theta: float) -> jax.Array:
-    """Rotary position embedding on x [batch, seq, heads, head_dim] (halves rotated)."""
-    seq, dim = x.shape[1], x.shape[-1]
-    freqs = theta ** (-jnp.arange(0, dim // 2, dtype=jnp.float32) / (dim // 2))
-    angles = jnp.arange(seq, dtype=jnp.float32)[:, None] * freqs[None, :]  # [seq, dim/2]
-    sin, cos = jnp.sin(angles)[None, :, None, :], jnp.cos(angles)[None, :, None, :]
-    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
-    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-    return out.astype(x.dtype)
+def _project(x: jax.Array, w: nnx.Param, bias: nnx.Param | None = None) -> jax.Array:
+    """x [b, t, d] · w [d, heads, dim] (+ bias [heads, dim]) → [b, t, heads, dim]."""
+    y = jnp.einsum("btd,dhk->bthk", x, w[...].astype(x.dtype))
+    return y if bias is None else y + bias[...].astype(x.dtype)
 
 
 class Attention(nnx.Module):
-    """Multi-head causal self-attention with RoPE on queries and keys."""
+    """Causal self-attention with RoPE on queries and keys: multi-head or grouped-query,
+    optional q/k/v biases, q/k RMSNorm over all heads (OLMoE) and q/k/v clipping."""
 
     def __init__(self, cfg: ModelConfig, mesh: Mesh | None, rngs: nnx.Rngs, out_scale: float):
-        d, h, hd = cfg.d_model, cfg.num_heads, cfg.resolved_head_dim
+        d, h, kv, hd = cfg.d_model, cfg.num_heads, cfg.kv_heads, cfg.resolved_head_dim
         self.wq = _init(rngs, mesh, (d, h, hd), d)
-        self.wk = _init(rngs, mesh, (d, h, hd), d)
-        self.wv = _init(rngs, mesh, (d, h, hd), d)
+        self.wk = _init(rngs, mesh, (d, kv, hd), d)
+        self.wv = _init(rngs, mesh, (d, kv, hd), d)
         self.wo = _init(rngs, mesh, (h, hd, d), h * hd, out_scale)
-        self.theta = cfg.rope_theta
+        if cfg.qkv_bias:
+            self.bq, self.bk, self.bv = (_zeros(mesh, (n, hd)) for n in (h, kv, kv))
+        else:
+            self.bq = self.bk = self.bv = None
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(h * hd, cfg.norm_eps, mesh)
+            self.k_norm = RMSNorm(kv * hd, cfg.norm_eps, mesh)
+        else:
+            self.q_norm = self.k_norm = None
+        self.cfg = cfg
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        dtype = x.dtype
-        q, k, v = (jnp.einsum("btd,dhk->bthk", x, w[...].astype(dtype))
-                   for w in (self.wq, self.wk, self.wv))
-        q, k = rope(q, self.theta), rope(k, self.theta)
-        out = jax.nn.dot_product_attention(q, k, v, is_causal=True)
+        cfg, dtype = self.cfg, x.dtype
+        q, k, v = (_project(x, w, b) for w, b in ((self.wq, self.bq), (self.wk, self.bk),
+                                                   (self.wv, self.bv)))
+        if self.q_norm is not None:
+            q = self.q_norm(q.reshape(*q.shape[:2], -1)).reshape(q.shape)
+            k = self.k_norm(k.reshape(*k.shape[:2], -1)).reshape(k.shape)
+        if cfg.qkv_clip:
+            q, k, v = (jnp.clip(a, -cfg.qkv_clip, cfg.qkv_clip) for a in (q, k, v))
+        q, k = cfg.rope(q), cfg.rope(k)
+        out = jax.nn.dot_product_attention(q, k, v, is_causal=True,
+                                           scale=cfg.attn_scale or None)
+        return jnp.einsum("bthk,hkd->btd", out, self.wo[...].astype(dtype))
+
+
+def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, scale: float) -> jax.Array:
+    """Softmax attention in float32 for q, k [b, t, h, dk] and v [b, t, h, dv] (dv may differ)."""
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q.astype(jnp.float32), k.astype(jnp.float32)) * scale
+    seq = q.shape[1]
+    causal = jnp.tril(jnp.ones((seq, seq), jnp.bool_))
+    probs = jax.nn.softmax(jnp.where(causal, logits, -jnp.inf), axis=-1)
+    return jnp.einsum("bhqk,bkhd->bqhd", probs, v.astype(jnp.float32)).astype(q.dtype)
+
+
+class LatentAttention(nnx.Module):
+    """DeepSeek-V2 multi-head latent attention, in its plain (non-absorbed) form.
+
+    q = [q_nope, q_rope] from x (or through a normed rank-`q_lora_rank` latent); keys and values
+    come from a normed rank-`kv_lora_rank` latent c: k = [c·W_k, rope(x·W_kr)] (the rope part is
+    one head shared by all), v = c·W_v.
+    """
+
+    def __init__(self, cfg: ModelConfig, mesh: Mesh | None, rngs: nnx.Rngs, out_scale: float):
+        d, h = cfg.d_model, cfg.num_heads
+        nope, rope_dim, dv = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
+        rq, rkv = cfg.q_lora_rank, cfg.kv_lora_rank
+        if rq:
+            self.wq_a = _init(rngs, mesh, (d, rq), d)
+            self.q_a_norm = RMSNorm(rq, cfg.latent_norm_eps, mesh)
+            self.wq = _init(rngs, mesh, (rq, h, nope + rope_dim), rq)
+        else:
+            self.wq_a = self.q_a_norm = None
+            self.wq = _init(rngs, mesh, (d, h, nope + rope_dim), d)
+        self.wkv_a = _init(rngs, mesh, (d, rkv), d)
+        self.wk_rope = _init(rngs, mesh, (d, rope_dim), d)
+        self.kv_a_norm = RMSNorm(rkv, cfg.latent_norm_eps, mesh)
+        self.wk_b = _init(rngs, mesh, (rkv, h, nope), rkv)
+        self.wv_b = _init(rngs, mesh, (rkv, h, dv), rkv)
+        self.wo = _init(rngs, mesh, (h, dv, d), h * dv, out_scale)
+        self.cfg = cfg
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        cfg, dtype = self.cfg, x.dtype
+        if self.wq_a is not None:
+            q = _project(self.q_a_norm(x @ self.wq_a[...].astype(dtype)), self.wq)
+        else:
+            q = _project(x, self.wq)
+        q_nope, q_rope = q[..., :cfg.qk_nope_head_dim], q[..., cfg.qk_nope_head_dim:]
+        latent = self.kv_a_norm(x @ self.wkv_a[...].astype(dtype))  # [b, t, rkv]
+        k_rope = (x @ self.wk_rope[...].astype(dtype))[:, :, None, :]  # [b, t, 1, rope]
+        q_rope, k_rope = cfg.rope(q_rope), cfg.rope(k_rope)
+        k_nope = _project(latent, self.wk_b)
+        v = _project(latent, self.wv_b)
+        q = jnp.concatenate([q_nope, q_rope], axis=-1)
+        k = jnp.concatenate([k_nope, jnp.broadcast_to(k_rope, (*k_nope.shape[:3],
+                                                               cfg.qk_rope_head_dim))], axis=-1)
+        out = causal_attention(q, k, v, cfg.softmax_scale)
         return jnp.einsum("bthk,hkd->btd", out, self.wo[...].astype(dtype))
 
 
@@ -145,7 +308,8 @@ class Block(nnx.Module):
                  rngs: nnx.Rngs):
         out_scale = 1.0 / math.sqrt(2 * cfg.num_layers)
         self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps, mesh)
-        self.attn = Attention(cfg, mesh, rngs, out_scale)
+        attention = LatentAttention if cfg.attention == "mla" else Attention
+        self.attn = attention(cfg, mesh, rngs, out_scale)
         self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps, mesh)
         if moe is not None:
             self.ffn = MoELayer(moe, mesh=mesh, rngs=rngs)

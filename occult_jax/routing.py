@@ -28,7 +28,9 @@ def route(x: jax.Array, router_kernel: jax.Array, cfg: MoEConfig,
     """x [T, d] → top-k experts and their weights; the router runs in float32.
 
     With `cfg.max_devices_per_token`, the top-k is device-limited over `expert_device` [E] (the
-    device of each logical expert); see pruning.py for the rules.
+    device of each logical expert); see pruning.py for the rules. With `cfg.num_expert_groups`,
+    it is group-limited over fixed groups of logical experts (DeepSeek-V2
+    "group_limited_greedy"). Order: scores → top-k → renormalise → × routed_scaling_factor.
     """
     logits = jnp.dot(x.astype(jnp.float32), router_kernel.astype(jnp.float32))
     if cfg.score_fn == "softmax":
@@ -38,7 +40,10 @@ def route(x: jax.Array, router_kernel: jax.Array, cfg: MoEConfig,
         raw = jax.nn.sigmoid(logits)
         scores = raw / jnp.sum(raw, axis=-1, keepdims=True)
     cap = cfg.max_devices_per_token
-    if cap is not None and cap < num_devices:
+    if cfg.num_expert_groups:
+        top_raw, expert_ids = group_limited_top_k(raw, cfg.num_expert_groups, cfg.topk_groups,
+                                                  cfg.top_k)
+    elif cap is not None and cap < num_devices:
         top_raw, expert_ids = pruning.limited_top_k(
             raw, expert_device, num_devices, cfg.prune_rule, cfg.top_k, cap, similarity)
     else:
@@ -46,7 +51,22 @@ def route(x: jax.Array, router_kernel: jax.Array, cfg: MoEConfig,
     weights = top_raw
     if cfg.renormalize:
         weights = top_raw / jnp.sum(top_raw, axis=-1, keepdims=True)
+    if cfg.routed_scaling_factor != 1.0:
+        weights = weights * cfg.routed_scaling_factor
     return Routing(expert_ids.astype(jnp.int32), weights, scores, logits)
+
+
+def group_limited_top_k(scores: jax.Array, num_groups: int, keep_groups: int,
+                        top_k: int) -> tuple[jax.Array, jax.Array]:
+    """Top-k of scores [T, E] among the `keep_groups` best of `num_groups` fixed groups of
+    consecutive expert ids, a group ranked by its best score; other experts' scores count 0."""
+    tokens, experts = scores.shape
+    group_best = jnp.max(scores.reshape(tokens, num_groups, experts // num_groups), axis=-1)
+    _, groups = jax.lax.top_k(group_best, keep_groups)
+    keep = jnp.zeros((tokens, num_groups), jnp.bool_).at[
+        jnp.arange(tokens)[:, None], groups].set(True)
+    keep = jnp.repeat(keep, experts // num_groups, axis=1)
+    return jax.lax.top_k(jnp.where(keep, scores, 0.0), top_k)
 
 
 def loss_terms(routing: Routing, num_experts: int) -> dict[str, jax.Array]:

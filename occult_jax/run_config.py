@@ -46,6 +46,55 @@ def model_config(config: Any) -> ModelConfig:
     return ModelConfig(**_known_fields("model", dict(config.model.items()), ModelConfig))
 
 
+HF_PREFIX = "hf:"
+
+
+def hf_checkpoint(config: Any) -> str | None:
+    """The folder of `init_from="hf:PATH"`, or None."""
+    spec = config.init_from or ""
+    return spec[len(HF_PREFIX):] if spec.startswith(HF_PREFIX) else None
+
+
+def architecture(config: Any) -> tuple[ModelConfig, MoEConfig]:
+    """(ModelConfig, MoEConfig) of the run.
+
+    From `config.model` / `config.moe`; with `init_from="hf:PATH"`, the checkpoint's config.json
+    fixes the architecture (all of `model` but `dtype`, and the MoE shape fields), while
+    `model.dtype` and the MoE run choices (dispatch, transport, capacity_factor, ...) still come
+    from the config. A dense checkpoint keeps `config.moe` as its (unused) MoEConfig.
+    """
+    path = hf_checkpoint(config)
+    if path is None:
+        return model_config(config), moe_config(config)
+    from occult_jax.hf import families, loader
+
+    moe_values = _known_fields("moe", dict(config.moe.items()), MoEConfig)
+    options = {k: v for k, v in moe_values.items()
+               if k not in (*families.MOE_ARCHITECTURE_FIELDS, "d_model", "dtype")}
+    model_cfg, moe_cfg = loader.architecture(path, dtype=config.model.dtype, **options)
+    return model_cfg, moe_cfg or moe_config(config)
+
+
+def hf_overrides(config: Any, model_cfg: ModelConfig, moe_cfg: MoEConfig) -> list[str]:
+    """`section.field=old→new` for each config value an HF checkpoint's config.json replaced."""
+    from occult_jax.hf import families
+
+    out = []
+    for name, value in config.model.items():
+        new = getattr(model_cfg, name, value)
+        if name != "dtype" and new != value and not (isinstance(new, tuple)
+                                                     and tuple(value) == new):
+            out.append(f"model.{name}={value!r}→{new!r}")
+    if model_cfg.moe_layers:
+        for name in families.MOE_ARCHITECTURE_FIELDS:
+            value = config.moe.get(name)
+            value = None if name == "shared_d_ff" and not value else value
+            new = getattr(moe_cfg, name)
+            if name in config.moe and new != value:
+                out.append(f"moe.{name}={value!r}→{new!r}")
+    return out
+
+
 def mesh_shape(config: Any, num_devices: int) -> tuple[int, int]:
     """(expert, data) sizes; -1 means "every device the other axis leaves"."""
     expert, data = int(config.mesh.expert), int(config.mesh.data)
@@ -91,10 +140,10 @@ def validate(config: Any, num_devices: int) -> tuple[ModelConfig, MoEConfig, tup
                                          "[0, 1].")
     _require(opt.grad_clip >= 0, f"optim.grad_clip={opt.grad_clip} must be >= 0 (0: off).")
     try:
-        model_cfg, moe_cfg = model_config(config), moe_config(config)
+        model_cfg, moe_cfg = architecture(config)
     except ConfigError:
         raise
-    except ValueError as e:  # MoEConfig / ModelConfig validation
+    except ValueError as e:  # MoEConfig / ModelConfig validation, HF config.json checks
         raise ConfigError(str(e)) from None
     expert, data = mesh_shape(config, num_devices)
     devices = expert * data

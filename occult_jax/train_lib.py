@@ -217,21 +217,34 @@ def setup(config: Any, workdir: str) -> Run:
     except ValueError as e:
         raise ConfigError(str(e)) from None
     mesh = make_mesh(expert=n_expert, data=n_data, devices=devices)
-    model = Transformer(model_cfg, moe_cfg if model_cfg.moe_layers else None, mesh=mesh,
-                        rngs=nnx.Rngs(config.seed))
+    checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
+                                         keep=config.keep_checkpoints)
+    start, notes = checkpointer.latest_step() or 0, []
+    moe = moe_cfg if model_cfg.moe_layers else None
+    hf_dir = run_config.hf_checkpoint(config)
+    if hf_dir and not start:  # params straight from the HF files, each device its own slice
+        from occult_jax import hf
+
+        try:
+            model = hf.build(hf_dir, model_cfg, moe, mesh)
+        except ValueError as e:
+            checkpointer.close()
+            raise ConfigError(str(e)) from None
+        overrides = run_config.hf_overrides(config, model_cfg, moe_cfg)
+        notes.append(f"initialised params from the Hugging Face checkpoint {hf_dir}; its "
+                     "config.json set " + (", ".join(overrides) or "no differing field"))
+    else:
+        model = Transformer(model_cfg, moe, mesh=mesh, rngs=nnx.Rngs(config.seed))
     tx, schedule = make_optimizer(config)
     optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
     model_def, params = nnx.split(model)
     opt_def, opt_state = nnx.split(optimizer)
     params, opt_state = _replicate_strays(params, mesh), _replicate_strays(opt_state, mesh)
 
-    checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
-                                         keep=config.keep_checkpoints)
-    start, notes = checkpointer.latest_step() or 0, []
     if start:
         params, opt_state, _ = checkpointer.restore(start, params, opt_state)
         notes.append(f"resumed from {checkpointer.directory} step {start}")
-    elif config.init_from:
+    elif config.init_from and not hf_dir:
         try:
             params, from_step = ckpt_lib.load_params(config.init_from, params)
         except ValueError as e:
