@@ -18,11 +18,30 @@ BLOCKED_ROWS = 1024  # rows per expert-aligned block of the "blocked" backend
 BLOCKED_CHUNK = 8  # blocks per batched product (one loop step) of the "blocked" backend
 
 
-def resolve_backend(name: str) -> str:
-    """"auto" → the fastest grouped matmul available on this platform."""
+PALLAS_ROWS = 128  # the Pallas kernels' row multiple (kernels.grouped_matmul.ROW_MULTIPLE)
+
+
+def pallas_fits(d_model: int, d_ff: int) -> bool:
+    """Whether the Pallas kernels take these widths (outputs in 128s, contractions in 64s)."""
+    return d_model % 128 == 0 and d_ff % 128 == 0
+
+
+def _hopper_gpu() -> bool:
+    device = jax.devices()[0]
+    return device.platform == "gpu" and str(getattr(device, "compute_capability", "")) >= "9.0"
+
+
+def resolve_backend(name: str, d_model: int, d_ff: int) -> str:
+    """"auto" → the fastest grouped matmul here: the Pallas kernels on Hopper GPUs and TPUs
+    (when the widths fit them), the blocked XLA matmul on other GPUs, ragged_dot on CPU."""
     if name != "auto":
         return name
-    return "ragged_dot" if jax.default_backend() == "cpu" else "blocked"
+    platform = jax.default_backend()
+    if platform == "cpu":
+        return "ragged_dot"
+    if pallas_fits(d_model, d_ff) and (platform == "tpu" or _hopper_gpu()):
+        return "pallas"
+    return "blocked"
 
 
 def row_layout(backend: str) -> tuple[int, int]:
@@ -30,6 +49,8 @@ def row_layout(backend: str) -> tuple[int, int]:
     length is a multiple of `align`; (1, 1) for backends that need neither."""
     if backend == "blocked":
         return BLOCKED_ROWS, BLOCKED_ROWS * BLOCKED_CHUNK
+    if backend == "pallas":
+        return 1, PALLAS_ROWS
     return 1, 1
 
 
@@ -58,8 +79,12 @@ def grouped_matmul(x: jax.Array, w: jax.Array, groups: ExpertPlan, backend: str)
     if backend == "blocked":
         return blocked_gmm(x, w, groups.block_group, groups.used_blocks, BLOCKED_ROWS,
                            BLOCKED_CHUNK)
+    if backend == "pallas":
+        from kernels.grouped_matmul import gmm
+
+        return gmm(x, w, groups.group_sizes)
     raise ValueError(f"unknown expert_matmul backend {backend!r}; use one of "
-                     "'ragged_dot', 'blocked', 'einsum'.")
+                     "'ragged_dot', 'blocked', 'einsum', 'pallas'.")
 
 
 def grouped_swiglu(x: jax.Array, groups: ExpertPlan, w_gate: jax.Array, w_up: jax.Array,

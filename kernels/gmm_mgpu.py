@@ -1,0 +1,204 @@
+"""Grouped matmul on Hopper (Pallas Mosaic GPU): ``out[rows of g] = lhs[rows of g] @ rhs[g]``.
+
+A persistent kernel: one block per SM walks the (row tile, column tile) grid of the schedule in
+``schedule.row_tiles``. Each block runs a warp-specialised pipeline — one memory warpgroup
+streams ``lhs`` and ``rhs`` tiles through TMA into a ring of shared-memory stages, two compute
+warpgroups issue wgmma on their halves of the column tile and accumulate in float32 registers.
+A tile writes back only the rows its group owns, with TMA stores of power-of-two row counts
+(any count below ``2 * tile_m`` is a sum of those). Tiles whose group is empty are not visited;
+rows past the last group are written as zeros.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from kernels import platform
+from kernels.schedule import RowTiles
+
+
+@dataclasses.dataclass(frozen=True)
+class GmmTiling:
+    """Tile sizes: a block computes ``tile_m x 2*tile_n`` (two compute warpgroups)."""
+
+    tile_m: int = 128
+    tile_n: int = 128
+    tile_k: int = 64
+    stages: int = 4
+    grid_tile_width: int = 8
+
+    @property
+    def block_n(self) -> int:
+        return 2 * self.tile_n
+
+
+def _smem_transforms(minor_elems: int, dtype) -> tuple:
+    swizzle = plgpu.find_swizzle(minor_elems * jnp.dtype(dtype).itemsize * 8)
+    swizzle_elems = swizzle // jnp.dtype(dtype).itemsize
+    return (plgpu.TilingTransform((8, swizzle_elems)), plgpu.SwizzleTransform(swizzle))
+
+
+def mma(acc, a_smem, b_smem, *, transpose_a: bool, transpose_b: bool, scratch=None) -> None:
+    """``acc += op(a) @ op(b)`` with wgmma on shared memory (16-bit operands).
+
+    The CPU interpreter has no transposed shared-memory views: interpreted kernels pass
+    ``scratch`` (buffers shaped like the transposed operands), and a transposed operand is
+    transposed in registers into it first.
+    """
+    if scratch is not None and (transpose_a or transpose_b):
+        a_tmp, b_tmp = scratch
+        a_tmp[...] = a_smem[...].T if transpose_a else a_smem[...]
+        b_tmp[...] = b_smem[...].T if transpose_b else b_smem[...]
+        a_smem, b_smem, transpose_a, transpose_b = a_tmp, b_tmp, False, False
+    a = plgpu.transpose_ref(a_smem, (1, 0)) if transpose_a else a_smem
+    b = plgpu.transpose_ref(b_smem, (1, 0)) if transpose_b else b_smem
+    plgpu.wgmma(acc, a, b)
+    plgpu.wgmma_wait(0)
+
+
+def interpret_scratch(interpret: bool, a_shape, b_shape, dtype) -> dict:
+    """Per-compute-warpgroup scratch for ``mma`` when interpreted, else nothing."""
+    if not interpret:
+        return {"scratch": None}
+    return {"scratch": (plgpu.SMEM((2, *a_shape), dtype), plgpu.SMEM((2, *b_shape), dtype))}
+
+
+def store_owned_rows(out_smem, out_gmem, lo, hi, row0, col0, rows_max: int) -> None:
+    """TMA-store rows ``[lo, hi)`` of ``out_smem`` to ``out_gmem[row0 + lo :, col0 :]``."""
+    plgpu.commit_smem()
+    start = lo
+    size = hi - lo
+    remaining = rows_max
+    while remaining > 0:
+        rows = 1 << int(math.log2(remaining))
+        remaining //= 2
+
+        @pl.when(size & rows != 0)
+        def _store(rows=rows, start=start):
+            plgpu.copy_smem_to_gmem(
+                out_smem.at[pl.ds(start, rows)],
+                out_gmem.at[pl.ds(row0 + start, rows), pl.ds(col0, out_smem.shape[1])],
+            )
+
+        start = start + (size & rows)
+
+
+def gmm_call(
+    lhs: jax.Array,
+    rhs: jax.Array,
+    tiles: RowTiles,
+    *,
+    out_dtype,
+    tiling: GmmTiling,
+    transpose_rhs: bool,
+    interpret: bool,
+) -> jax.Array:
+    """Run the kernel: lhs [M, K] (M a multiple of tile_m), rhs [G, K, N] or [G, N, K]."""
+    m, k = lhs.shape
+    num_groups = rhs.shape[0]
+    n = rhs.shape[1] if transpose_rhs else rhs.shape[2]
+    tm, tn, tk = tiling.tile_m, tiling.tile_n, tiling.tile_k
+    bn = tiling.block_n
+    n_iters, k_iters = n // bn, k // tk
+    transforms = _smem_transforms(tk, lhs.dtype)
+    rhs_block = (bn, tk) if transpose_rhs else (tk, bn)
+    rhs_index = (lambda kk: (0, kk)) if transpose_rhs else (lambda kk: (kk, 0))
+
+    def pipeline(body, compute_context):
+        return plgpu.emit_pipeline_warp_specialized(
+            body,
+            grid=(k_iters,),
+            memory_registers=40,
+            in_specs=[
+                plgpu.BlockSpec((tm, tk), lambda kk: (0, kk), transforms=transforms,
+                                memory_space=plgpu.SMEM),
+                plgpu.BlockSpec(rhs_block, rhs_index, transforms=transforms,
+                                memory_space=plgpu.SMEM),
+            ],
+            wg_axis="wg",
+            num_compute_wgs=2,
+            max_concurrent_steps=tiling.stages,
+            compute_context=compute_context,
+        )
+
+    def kernel(group_ref, block_ref, lo_ref, hi_ref, count_ref, lhs_gmem, rhs_gmem, out_gmem):
+        def ignore(*_, **__):
+            return None
+
+        rhs_view = rhs_gmem.at[0]
+
+        @functools.partial(
+            pl.run_scoped,
+            allocs=pipeline(ignore, ignore).get_allocations(lhs_gmem, rhs_view),
+            out_smem=plgpu.SMEM((2, tm, tn), out_dtype),
+            **interpret_scratch(interpret, (tm, tk), (tk, tn), lhs.dtype),
+            collective_axes="wg",
+        )
+        def _scope(allocs, out_smem, scratch):
+            wg = lax.axis_index("wg")
+            count = count_ref[0]
+
+            @plgpu.nd_loop((count * n_iters,), collective_axes="sm")
+            def _tile(info):
+                ti, ni = plgpu.planar_snake(
+                    info.index[0], (count, n_iters), 1, tiling.grid_tile_width
+                )
+                g, lo, hi = group_ref[ti], lo_ref[ti], hi_ref[ti]
+                row0 = block_ref[ti] * tm
+                col0 = ni * bn + wg * tn
+                live = g < num_groups
+
+                def write(values):
+                    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+                    out_smem[wg] = values.astype(out_dtype)
+                    store_owned_rows(out_smem.at[wg], out_gmem, lo, hi, row0, col0, tm)
+
+                def compute_context(eval_pipeline):
+                    @functools.partial(pl.run_scoped, acc=plgpu.ACC((tm, tn), jnp.float32))
+                    def _acc(acc):
+                        eval_pipeline(acc)
+                        write(acc[...])
+
+                def step(_, a_smem, b_smem, acc):
+                    b = b_smem.at[pl.ds(wg * tn, tn)] if transpose_rhs else b_smem.at[
+                        :, pl.ds(wg * tn, tn)]
+                    mma(acc, a_smem, b, transpose_a=False, transpose_b=transpose_rhs,
+                        scratch=scratch and (scratch[0].at[wg], scratch[1].at[wg]))
+                    return acc
+
+                @pl.when(live)
+                def _matmul():
+                    g_rhs = jnp.minimum(g, num_groups - 1)
+                    rhs_g = (rhs_gmem.at[g_rhs, pl.ds(ni * bn, bn)] if transpose_rhs
+                             else rhs_gmem.at[g_rhs, :, pl.ds(ni * bn, bn)])
+                    pipeline(step, compute_context)(
+                        lhs_gmem.at[pl.ds(row0, tm)], rhs_g, allocations=allocs
+                    )
+
+                @pl.when(jnp.logical_not(live) & (wg < 2))
+                def _zeros():
+                    write(jnp.zeros((tm, tn), jnp.float32))
+
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+    call = plgpu.kernel(
+        kernel,
+        out_type=jax.ShapeDtypeStruct((m, n), out_dtype),
+        grid=(platform.num_sms(interpret),),
+        grid_names=("sm",),
+        num_threads=3,
+        thread_name="wg",
+        compiler_params=plgpu.CompilerParams(
+            lowering_semantics=plgpu.LoweringSemantics.Warpgroup
+        ),
+        interpret=platform.interpret_params() if interpret else False,
+    )
+    return call(*tiles, lhs, rhs)

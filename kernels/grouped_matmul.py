@@ -1,0 +1,178 @@
+"""Differentiable grouped matmuls: ``gmm`` (rows grouped by expert times per-group weights) and
+``tgmm`` (its weight gradient), on the best kernel for the platform.
+
+* GPU (Hopper): our Mosaic GPU kernels (``gmm_mgpu``, ``tgmm_mgpu``).
+* TPU: JAX's megablox kernels, behind the same interface.
+* CPU: the Mosaic GPU kernels in the Pallas interpreter (``interpret=True``; slow, for tests).
+
+``gmm`` is a ``jax.custom_vjp``: d lhs = gmm(d out, rhs transposed), d rhs = tgmm(lhs, d out).
+Rows past ``sum(group_sizes)`` give zero outputs and receive zero gradients.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from kernels import platform, schedule
+from kernels.gmm_mgpu import GmmTiling, gmm_call
+from kernels.tgmm_mgpu import TgmmTiling, tgmm_call
+
+ROW_MULTIPLE = 128  # M is padded to this (both kernels' row tiles divide it)
+SMEM_BYTES = 227 * 1024  # shared memory per block on Hopper (H100/H200)
+MAX_STAGES = 4
+
+
+def _stages(stage_bytes: int, out_bytes: int) -> int:
+    """Most pipeline stages (≤ MAX_STAGES) whose buffers fit beside the output staging."""
+    return max(2, min(MAX_STAGES, (SMEM_BYTES - out_bytes - 1024) // stage_bytes))
+
+
+def _check(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, transpose_rhs: bool) -> None:
+    if lhs.ndim != 2 or rhs.ndim != 3 or group_sizes.shape != (rhs.shape[0],):
+        raise ValueError(f"gmm wants lhs [M, K], rhs [G, K, N] and group_sizes [G]; got "
+                         f"{lhs.shape}, {rhs.shape}, {group_sizes.shape}")
+    k = rhs.shape[2] if transpose_rhs else rhs.shape[1]
+    if lhs.shape[1] != k:
+        raise ValueError(f"gmm: lhs has K={lhs.shape[1]} but rhs has K={k}")
+    if lhs.dtype != rhs.dtype:
+        raise ValueError(f"gmm: lhs is {lhs.dtype} but rhs is {rhs.dtype}; cast one of them")
+
+
+def _columns(n: int, what: str) -> int:
+    """Per-warpgroup column tile for an output of width n (two warpgroups per block)."""
+    for tile in (128, 64):
+        if n % (2 * tile) == 0:
+            return tile
+    raise ValueError(f"the Pallas grouped matmul needs {what}={n} to be a multiple of 128; "
+                     "pad it or use expert_matmul='ragged_dot'")
+
+
+def gmm_tiling(k: int, n: int, itemsize: int = 2, out_itemsize: int = 2) -> GmmTiling:
+    """Default tiles for a [*, k] @ [k, n] grouped matmul."""
+    if k % 64:
+        raise ValueError(f"the Pallas grouped matmul needs the contraction size {k} to be a "
+                         "multiple of 64; pad it or use expert_matmul='ragged_dot'")
+    t = GmmTiling(tile_n=_columns(n, "the output width"))
+    stage = (t.tile_m * t.tile_k + t.tile_k * t.block_n) * itemsize
+    stages = _stages(stage, 2 * t.tile_m * t.tile_n * out_itemsize)
+    return dataclasses.replace(t, stages=stages)
+
+
+def tgmm_tiling(k: int, n: int, itemsize: int = 2, out_itemsize: int = 2) -> TgmmTiling:
+    """Default tiles for the [k, n] per-group outputs of tgmm."""
+    t = TgmmTiling(tile_k=128 if k % 128 == 0 else 64, tile_n=_columns(n, "the output width"))
+    stage = (t.tile_m * t.tile_k + t.tile_m * t.block_n) * itemsize
+    stages = _stages(stage, 2 * t.tile_k * t.tile_n * out_itemsize)
+    return dataclasses.replace(t, stages=stages)
+
+
+def _pad_rows(x: jax.Array) -> jax.Array:
+    extra = -x.shape[0] % ROW_MULTIPLE
+    return jnp.pad(x, ((0, extra), (0, 0))) if extra else x
+
+
+def _mode(interpret: bool | None) -> str:
+    if interpret:
+        return "interpret"
+    kind = platform.backend()
+    if kind == "cpu" and interpret is None:
+        return "interpret"
+    if kind not in ("gpu", "tpu"):
+        raise ValueError("the Pallas grouped matmul runs on GPU, TPU, or interpreted on CPU")
+    return kind
+
+
+def _gmm_raw(lhs, rhs, group_sizes, out_dtype, transpose_rhs: bool, mode: str,
+             tiling: GmmTiling | None = None) -> jax.Array:
+    _check(lhs, rhs, group_sizes, transpose_rhs)
+    if mode == "tpu":
+        from jax.experimental.pallas.ops.tpu.megablox import gmm as megablox
+
+        return megablox.gmm(lhs, rhs, group_sizes, out_dtype, transpose_rhs=transpose_rhs)
+    m = lhs.shape[0]
+    n = rhs.shape[1] if transpose_rhs else rhs.shape[2]
+    tiling = tiling or gmm_tiling(lhs.shape[1], n, lhs.dtype.itemsize,
+                                  jnp.dtype(out_dtype).itemsize)
+    lhs = _pad_rows(lhs)
+    tiles = schedule.row_tiles(group_sizes, lhs.shape[0], tiling.tile_m)
+    out = gmm_call(lhs, rhs, tiles, out_dtype=out_dtype, tiling=tiling,
+                   transpose_rhs=transpose_rhs, interpret=mode == "interpret")
+    return _varying_like(out[:m], lhs, rhs, group_sizes)
+
+
+def _tgmm_raw(lhs, rhs, group_sizes, out_dtype, mode: str,
+              tiling: TgmmTiling | None = None) -> jax.Array:
+    if lhs.ndim != 2 or rhs.ndim != 2 or lhs.shape[0] != rhs.shape[0]:
+        raise ValueError(f"tgmm wants lhs [M, K] and rhs [M, N]; got {lhs.shape}, {rhs.shape}")
+    if mode == "tpu":
+        from jax.experimental.pallas.ops.tpu.megablox import gmm as megablox
+
+        return megablox.tgmm(lhs.T, rhs, group_sizes, out_dtype)
+    tiling = tiling or tgmm_tiling(lhs.shape[1], rhs.shape[1], lhs.dtype.itemsize,
+                                   jnp.dtype(out_dtype).itemsize)
+    lhs, rhs = _pad_rows(lhs), _pad_rows(rhs)
+    blocks = schedule.group_blocks(group_sizes, lhs.shape[0], tiling.tile_m)
+    out = tgmm_call(lhs, rhs, blocks, group_sizes.shape[0], out_dtype=out_dtype, tiling=tiling,
+                    interpret=mode == "interpret")
+    return _varying_like(out, lhs, rhs, group_sizes)
+
+
+def _varying_like(value: jax.Array, *refs: jax.Array) -> jax.Array:
+    """Give ``value`` the shard_map variance of ``refs`` by adding their empty sums (exactly 0).
+
+    A Pallas call's outputs carry no manual-axis variance; inside the custom VJP they must vary
+    like the operands. Outside it, widening ``rhs`` to vary like ``lhs`` lets autodiff insert the
+    psum its gradient needs. Outside shard_map this is a no-op.
+    """
+    for ref in refs:
+        value = value + jnp.sum(ref[:0]).astype(value.dtype)
+    return value
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _gmm(lhs, rhs, group_sizes, out_dtype, mode):
+    return _gmm_raw(lhs, rhs, group_sizes, out_dtype, False, mode)
+
+
+def _gmm_fwd(lhs, rhs, group_sizes, out_dtype, mode):
+    return _gmm(lhs, rhs, group_sizes, out_dtype, mode), (lhs, rhs, group_sizes)
+
+
+def _gmm_bwd(out_dtype, mode, residuals, d_out):
+    lhs, rhs, group_sizes = residuals
+    d_out = d_out.astype(lhs.dtype)
+    d_lhs = _gmm_raw(d_out, rhs, group_sizes, lhs.dtype, True, mode)
+    d_rhs = _tgmm_raw(lhs, d_out, group_sizes, rhs.dtype, mode)
+    return d_lhs, d_rhs, None
+
+
+_gmm.defvjp(_gmm_fwd, _gmm_bwd)
+
+
+def gmm(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *,
+        preferred_element_type=None, interpret: bool | None = None) -> jax.Array:
+    """``out[rows of g] = lhs[rows of g] @ rhs[g]``: lhs [M, K], rhs [G, K, N] → [M, N].
+
+    ``interpret``: None picks the compiled kernel on GPU/TPU and the interpreter on CPU.
+    """
+    out_dtype = jnp.dtype(preferred_element_type or lhs.dtype)
+    rhs = _varying_like(rhs, lhs)
+    return _gmm(lhs, rhs, group_sizes.astype(jnp.int32), out_dtype, _mode(interpret))
+
+
+def tgmm(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *,
+         preferred_element_type=None, interpret: bool | None = None) -> jax.Array:
+    """``out[g] = lhs[rows of g].T @ rhs[rows of g]``: lhs [M, K], rhs [M, N] → [G, K, N]."""
+    out_dtype = jnp.dtype(preferred_element_type or lhs.dtype)
+    return _tgmm_raw(lhs, rhs, group_sizes.astype(jnp.int32), out_dtype, _mode(interpret))
+
+
+def flops(m: int, k: int, n: int) -> int:
+    """Multiply-add FLOPs of a grouped matmul over m rows."""
+    return 2 * m * k * n
+
+

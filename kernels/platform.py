@@ -1,0 +1,29 @@
+"""Where a kernel runs: compiled Mosaic GPU, Mosaic TPU, or the Mosaic GPU interpreter on CPU."""
+
+from __future__ import annotations
+
+import jax
+
+
+def backend() -> str:
+    """'gpu', 'tpu' or 'cpu' for the default device."""
+    return jax.devices()[0].platform
+
+
+def interpret_params():
+    """Parameters that run a Mosaic GPU kernel in the CPU interpreter (tests, CI)."""
+    try:  # JAX >= 0.10 keeps the GPU interpreter under a private path.
+        from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
+    except ImportError as e:  # pragma: no cover - depends on the JAX version
+        raise RuntimeError(
+            "this JAX has no Mosaic GPU interpreter; run the Pallas kernels on a GPU "
+            "or set expert_matmul to 'ragged_dot'"
+        ) from e
+    return InterpretGPUParams()
+
+
+def num_sms(interpret: bool) -> int:
+    """SMs to launch a persistent kernel on; 1 when interpreted (the interpreter runs one block)."""
+    if interpret:
+        return 1
+    return int(getattr(jax.devices()[0], "core_count", 132) or 132)

@@ -1,0 +1,131 @@
+"""Pallas grouped-matmul kernels (kernels/) in the Mosaic GPU interpreter, against float64 NumPy.
+
+Group sizes are fresh random draws with empty groups, groups that are not a multiple of the tile,
+M not a multiple of the tile and rows past the last group. The interpreter fills unwritten memory
+with NaN, so any output element the kernel forgot to write fails the comparison.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from kernels import grouped_matmul as gm
+from kernels import schedule
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+# float32 operands: exact in the CPU interpreter, TF32 tensor-core products on a GPU.
+F32_TOL = 1e-4 if jax.default_backend() == "cpu" else 5e-3
+
+
+def random_sizes(rng, m, g, *, empty=1, tail=0):
+    """g group sizes summing to m - tail, `empty` of them zero, the rest random."""
+    cuts = np.sort(rng.integers(0, m - tail + 1, g - 1 - empty))
+    sizes = np.diff(np.concatenate([[0], cuts, [m - tail]]))
+    sizes = np.insert(sizes, rng.integers(0, len(sizes) + 1, empty), 0)
+    rng.shuffle(sizes)
+    return sizes.astype(np.int32)
+
+
+def np_gmm(x, w, sizes, transpose=False):
+    ends = np.cumsum(sizes)
+    out = np.zeros((x.shape[0], w.shape[1] if transpose else w.shape[2]))
+    for g, (s, e) in enumerate(zip(ends - sizes, ends, strict=True)):
+        out[s:e] = x[s:e] @ (w[g].T if transpose else w[g])
+    return out
+
+
+def np_tgmm(x, y, sizes):
+    ends = np.cumsum(sizes)
+    return np.stack([x[s:e].T @ y[s:e] for s, e in zip(ends - sizes, ends, strict=True)])
+
+
+def f64(a):
+    return np.asarray(jnp.asarray(a, jnp.float32), np.float64)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_row_tiles_cover_each_row_once_with_its_group(seed):
+    rng = np.random.default_rng(seed)
+    for _ in range(8):
+        m, g, tile = int(rng.integers(1, 700)), int(rng.integers(1, 12)), 64
+        sizes = random_sizes(rng, m, g, empty=min(g - 1, 2), tail=int(rng.integers(0, m)))
+        t = jax.tree.map(np.asarray, schedule.row_tiles(jnp.asarray(sizes), m, tile))
+        owner = np.full(m, -2)
+        for i in range(int(t.count[0])):
+            rows = t.block[i] * tile + np.arange(t.lo[i], t.hi[i])
+            assert np.all(owner[rows] == -2), "row written twice"
+            owner[rows] = t.group[i]
+        want = np.concatenate([np.repeat(np.arange(g), sizes), np.full(m - sizes.sum(), g)])
+        np.testing.assert_array_equal(owner, want)
+        assert t.count[0] <= schedule.max_row_tiles(m, g, tile)
+
+
+@pytest.mark.parametrize("dtype,transpose", [("bfloat16", False), ("float32", False),
+                                             ("bfloat16", True)])
+def test_gmm_matches_numpy(dtype, transpose):
+    rng = np.random.default_rng()
+    m, k, n, g = 333, 128, 256, 5  # M not a multiple of 128; one empty group; unused tail rows
+    sizes = random_sizes(rng, m, g, tail=7)
+    x = jnp.asarray(rng.standard_normal((m, k)), dtype)
+    w = jnp.asarray(rng.standard_normal((g, n, k) if transpose else (g, k, n)), dtype)
+    if transpose:
+        from kernels.grouped_matmul import _gmm_raw, _mode
+
+        out = _gmm_raw(x, w, jnp.asarray(sizes), jnp.float32, True, _mode(None))
+    else:
+        out = gm.gmm(x, w, jnp.asarray(sizes), preferred_element_type=jnp.float32)
+    want = np_gmm(f64(x), f64(w), sizes, transpose)
+    got = np.asarray(out, np.float64)
+    assert not np.isnan(got).any(), "unwritten output rows"
+    tol = F32_TOL if dtype == "float32" else 1e-4
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=tol * np.abs(want).max())
+    assert np.all(got[sizes.sum():] == 0)
+
+
+def test_tgmm_matches_numpy_and_zeroes_empty_groups():
+    rng = np.random.default_rng()
+    m, k, n, g = 300, 128, 128, 6
+    sizes = random_sizes(rng, m, g, empty=2, tail=5)
+    x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
+    y = jnp.asarray(rng.standard_normal((m, n)), jnp.bfloat16)
+    got = np.asarray(gm.tgmm(x, y, jnp.asarray(sizes), preferred_element_type=jnp.float32),
+                     np.float64)
+    want = np_tgmm(f64(x), f64(y), sizes)
+    assert not np.isnan(got).any()
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4 * np.abs(want).max())
+    assert np.all(got[sizes == 0] == 0)
+
+
+@pytest.mark.parametrize("routing", ["random", "one_group", "one_row_each"])
+def test_gmm_gradients_match_reference(routing):
+    rng = np.random.default_rng()
+    m, k, n, g = 256, 128, 128, 4
+    sizes = {"random": random_sizes(rng, m, g),
+             "one_group": np.eye(g, dtype=np.int32)[rng.integers(g)] * m,
+             "one_row_each": np.array([1] * (g - 1) + [m - g + 1], np.int32)}[routing]
+    x = jnp.asarray(rng.standard_normal((m, k)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((g, k, n)) / np.sqrt(k), jnp.float32)
+    cot = jnp.asarray(rng.standard_normal((m, n)), jnp.float32)
+    gs = jnp.asarray(sizes)
+
+    def loss(fn):
+        return lambda x, w: jnp.sum(fn(x, w) * cot)
+
+    got = jax.grad(loss(lambda x, w: gm.gmm(x, w, gs)), (0, 1))(x, w)
+    ref = jax.grad(loss(lambda x, w: jax.lax.ragged_dot(x, w, gs)), (0, 1))(x, w)
+    for a, b in zip(got, ref, strict=True):
+        a, b = np.asarray(a), np.asarray(b)
+        assert not np.isnan(a).any()
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=F32_TOL * np.abs(b).max())
+
+
+@pytest.mark.parametrize("shapes,message", [
+    (((64, 100), (2, 100, 128)), "multiple of 64"),
+    (((64, 128), (2, 128, 96)), "multiple of 128"),
+    (((64, 128), (2, 64, 128)), "lhs has K=128 but rhs has K=64"),
+])
+def test_bad_shapes_are_one_line_errors(shapes, message):
+    (xs, ws) = shapes
+    with pytest.raises(ValueError, match=message):
+        gm.gmm(jnp.ones(xs, jnp.bfloat16), jnp.ones(ws, jnp.bfloat16), jnp.array([32, 32]))
