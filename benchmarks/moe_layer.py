@@ -54,6 +54,8 @@ def parse_args(argv=None):
     p.add_argument("--breakdown", action="store_true",
                    help="also time each variant with identity experts (route + plan + exchange "
                         "only); the difference is the expert compute and its gathers")
+    p.add_argument("--profile", action="store_true",
+                   help="also print each variant's top GPU ops (device-side time per pass)")
     p.add_argument("--out", default=None, help="write the rows as JSON here")
     return p.parse_args(argv)
 
@@ -190,6 +192,11 @@ def measure(layer, x, cot, args, timed, mesh):
     for name in args.passes.split(","):
         call = (fwd, params, x) if name == "fwd" else (step, params, x, cot)
         row[name + "_ms"] = timed(*call)
+    if args.profile:
+        from profile_ops import print_ops, top_ops
+
+        print_ops(f"{cfg.dispatch} {cfg.transport} fwd", top_ops(fwd, params, x))
+        print_ops(f"{cfg.dispatch} {cfg.transport} fwd+bwd", top_ops(step, params, x, cot))
     if args.breakdown:
         layout = dataclasses.replace(layer.layout(x.shape[0]), identity_experts=True)
         exchange_only = oj.moe.expert_parallel_fn(cfg, layout, mesh)

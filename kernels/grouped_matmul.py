@@ -122,15 +122,12 @@ def _tgmm_raw(lhs, rhs, group_sizes, out_dtype, mode: str,
 
 
 def _varying_like(value: jax.Array, *refs: jax.Array) -> jax.Array:
-    """Give ``value`` the shard_map variance of ``refs`` by adding their empty sums (exactly 0).
+    """Give ``value`` the shard_map variance of ``refs`` (``platform.vary_like``).
 
-    A Pallas call's outputs carry no manual-axis variance; inside the custom VJP they must vary
-    like the operands. Outside it, widening ``rhs`` to vary like ``lhs`` lets autodiff insert the
-    psum its gradient needs. Outside shard_map this is a no-op.
+    Inside the custom VJP the outputs must vary like the operands. Outside it, widening ``rhs``
+    to vary like ``lhs`` lets autodiff insert the psum its gradient needs.
     """
-    for ref in refs:
-        value = value + jnp.sum(ref[:0]).astype(value.dtype)
-    return value
+    return platform.vary_like(value, *refs)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))

@@ -27,3 +27,29 @@ def num_sms(interpret: bool) -> int:
     if interpret:
         return 1
     return int(getattr(jax.devices()[0], "core_count", 132) or 132)
+
+
+def vary_like(value: jax.Array, *refs: jax.Array) -> jax.Array:
+    """Give a Pallas call's output the shard_map variance of its operands (a no-op outside).
+
+    Pallas outputs carry no manual-axis variance. ``jax.lax.pcast`` marks them varying without
+    touching the data; JAX versions without it fall back to adding the operands' empty sums
+    (exactly 0), which costs one elementwise pass unless XLA folds it.
+    """
+    try:
+        have = set(jax.typeof(value).vma)
+        want = set().union(*(set(jax.typeof(r).vma) for r in refs))
+    except AttributeError:  # pragma: no cover - JAX without vma types
+        return _add_empty_sums(value, refs)
+    missing = tuple(sorted(want - have))
+    if not missing:
+        return value
+    if hasattr(jax.lax, "pcast"):
+        return jax.lax.pcast(value, missing, to="varying")
+    return _add_empty_sums(value, refs)  # pragma: no cover - older JAX
+
+
+def _add_empty_sums(value: jax.Array, refs) -> jax.Array:
+    for ref in refs:
+        value = value + ref[:0].sum().astype(value.dtype)
+    return value

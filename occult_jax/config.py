@@ -6,7 +6,7 @@ import dataclasses
 import math
 
 DISPATCHES = ("reference", "standard", "occult")
-TRANSPORTS = ("dense", "ragged")
+TRANSPORTS = ("dense", "ragged", "pallas")
 SCORE_FNS = ("softmax", "sigmoid")
 EXPERT_MATMULS = ("auto", "pallas", "ragged_dot", "blocked", "einsum")
 PRUNE_RULES = ("score", "group_score", "similarity")
@@ -20,8 +20,9 @@ class MoEConfig:
     dispatch: "reference" (no expert parallelism; the ground truth), "standard" (one row per
       (token, expert) on the wire) or "occult" (one row per (token, device), pre-combined on the
       expert side).
-    transport: "dense" (fixed per-peer buffers, `all_to_all`) or "ragged" (`ragged_all_to_all`,
-      only real rows move; GPU/TPU, emulated on CPU).
+    transport: "dense" (fixed per-peer buffers, `all_to_all`), "ragged" (`ragged_all_to_all`,
+      only real rows move; GPU/TPU, emulated on CPU) or "pallas" (GPUs: a Pallas kernel writes
+      the real rows straight into the peers' buffers over NVLink; kernels/nvlink_exchange.py).
     capacity_factor: None is dropless (buffers sized for the worst case); a float sizes each
       per-peer buffer to `capacity_factor` × the expected rows per peer under uniform routing.
       Overflowing assignments are dropped and counted in `stats["dropped"]`.
@@ -122,8 +123,11 @@ def _validate_groups(cfg: MoEConfig) -> None:
 
 
 def validate_for_mesh(cfg: MoEConfig, axis_names: tuple[str, ...], expert_axis_size: int,
-                      num_devices: int, num_tokens: int) -> None:
+                      num_devices: int, num_tokens: int, platform: str = "cpu") -> None:
     """Checks that need the mesh and the input; called before anything is traced or compiled."""
+    _require(cfg.transport != "pallas" or cfg.dispatch == "reference" or platform == "gpu",
+             f"MoEConfig.transport='pallas' writes into peer GPUs over NVLink and runs on GPU "
+             f"meshes only (this mesh is on {platform}); use 'dense' or 'ragged'.")
     _require(cfg.expert_axis in axis_names,
              f"mesh axes {axis_names} have no {cfg.expert_axis!r} axis; build the mesh with "
              f"oj.make_mesh(expert=...) or set MoEConfig.expert_axis.")

@@ -72,7 +72,7 @@ def expert_parallel_moe(x: jax.Array, weights: ExpertWeights, expert_slot: jax.A
     (rows, slot_weight), (slot_expert,), recv_counts = exchange(
         (send_rows, plan.slot_weight), (plan.slot_expert,), kind=cfg.transport, axis_name=axis,
         send_counts=plan.send_counts)
-    if recv_counts is not None:  # ragged: rows past each block's count were never written
+    if recv_counts is not None:  # ragged, pallas: rows past each block's count are zeros
         block_row = jnp.arange(rows.shape[0]) % layout.capacity
         filled = block_row < jnp.repeat(recv_counts, layout.capacity)
         slot_expert = jnp.where(filled[:, None], slot_expert, -1)

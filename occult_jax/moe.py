@@ -31,6 +31,10 @@ def _normal(rngs: nnx.Rngs, shape: tuple[int, ...], fan_in: int, dtype) -> jax.A
     return (std * jax.random.truncated_normal(rngs.params(), -2.0, 2.0, shape)).astype(dtype)
 
 
+def _platform(mesh: Mesh) -> str:
+    return mesh.devices.flat[0].platform
+
+
 def _placer(mesh: Mesh | None, spec: PartitionSpec):
     """A function that puts an array on `spec` over `mesh` (identity without a mesh)."""
     if mesh is None:
@@ -78,7 +82,7 @@ class MoELayer(nnx.Module):
                              "mesh=oj.make_mesh(...) or use dispatch='reference'.")
         if mesh is not None:
             config_lib.validate_for_mesh(cfg, tuple(mesh.axis_names), self._axis_size(cfg, mesh),
-                                         mesh.size, mesh.size)
+                                         mesh.size, mesh.size, _platform(mesh))
         self.cfg, self.mesh = cfg, mesh
         e, d, f, dtype = cfg.num_experts, cfg.d_model, cfg.d_ff, jnp.dtype(cfg.param_dtype)
         expert_sharding = _placer(mesh, mesh_lib.expert_spec(cfg.expert_axis))
@@ -138,7 +142,7 @@ class MoELayer(nnx.Module):
         """The static layout of a call on `num_tokens` tokens (validated first)."""
         cfg, mesh = self.cfg, self.mesh
         config_lib.validate_for_mesh(cfg, tuple(mesh.axis_names), self.num_devices, mesh.size,
-                                     num_tokens)
+                                     num_tokens, _platform(mesh))
         return Layout(
             axis_name=cfg.expert_axis,
             all_axes=tuple(mesh.axis_names),

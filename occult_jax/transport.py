@@ -11,6 +11,8 @@ exchange is the same exchange run in reverse, on the float cotangents only.
 * "dense":  `jax.lax.all_to_all` of the whole buffers; runs everywhere.
 * "ragged": `jax.lax.ragged_all_to_all` of the used rows only (GPU/TPU). XLA:CPU lacks it, so on
   CPU an emulation with the same arguments and semantics stands in (`ragged_all_to_all_emulated`).
+* "pallas": the used rows only, written straight into the peers' buffers over NVLink by one
+  Pallas Mosaic GPU kernel (`kernels.nvlink_exchange`); GPUs only. Same result as "ragged".
 """
 
 from __future__ import annotations
@@ -54,8 +56,18 @@ def _word_count(like) -> int:
     return width if jnp.dtype(like.dtype).itemsize == 4 else (width + 1) // 2
 
 
-def pack(arrays) -> jax.Array:
-    return jnp.concatenate([_to_words(a) for a in arrays], axis=1)
+def pack(arrays, multiple: int = 1) -> jax.Array:
+    """Arrays [R, ...] → one [R, words] uint32 buffer, padded to a multiple of `multiple` words."""
+    words = [_to_words(a) for a in arrays]
+    extra = -sum(w.shape[1] for w in words) % multiple
+    if extra:
+        words.append(jnp.zeros((words[0].shape[0], extra), WORD))
+    return jnp.concatenate(words, axis=1)
+
+
+def _row_multiple(kind: str) -> int:
+    """Words a transport wants each row to be a multiple of (TMA copies move 16-byte units)."""
+    return 4 if kind == "pallas" else 1
 
 
 def unpack(words: jax.Array, likes) -> list[jax.Array]:
@@ -108,6 +120,13 @@ def _move(words, kind, axis_name, send_counts, recv_counts):
     if kind == "dense":
         return jax.lax.all_to_all(words, axis_name, 0, 0, tiled=True)
     num = send_counts.shape[0]
+    if kind == "pallas":
+        from kernels.nvlink_exchange import exchange_rows
+
+        padded = _pad_words(words)  # a no-op for rows packed by `pack(..., 4)`
+        out = exchange_rows(padded, send_counts, recv_counts, axis_name=axis_name,
+                            num_devices=num)
+        return out if padded is words else out[:, : words.shape[1]]
     capacity = words.shape[0] // num
     me = jax.lax.axis_index(axis_name)
     starts = (jnp.arange(num) * capacity).astype(jnp.int32)
@@ -118,6 +137,12 @@ def _move(words, kind, axis_name, send_counts, recv_counts):
         axis_name=axis_name)
 
 
+def _pad_words(words: jax.Array) -> jax.Array:
+    """Rows padded to a multiple of 4 words (16 bytes), as TMA copies need."""
+    extra = -words.shape[1] % 4
+    return jnp.pad(words, ((0, 0), (0, extra))) if extra else words
+
+
 def exchange_counts(send_counts: jax.Array, axis_name: str) -> jax.Array:
     """Each device's send_counts [N] → the rows it will receive from each peer [N]."""
     return jax.lax.all_to_all(send_counts, axis_name, 0, 0, tiled=True)
@@ -126,7 +151,7 @@ def exchange_counts(send_counts: jax.Array, axis_name: str) -> jax.Array:
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
 def _exchange(floats, ints, send_counts, recv_counts, kind, axis_name):
     likes = [*floats, *ints]
-    words = _move(pack(likes), kind, axis_name, send_counts, recv_counts)
+    words = _move(pack(likes, _row_multiple(kind)), kind, axis_name, send_counts, recv_counts)
     out = unpack(words, likes)
     return tuple(out[: len(floats)]), tuple(out[len(floats):])
 
@@ -139,7 +164,8 @@ def _exchange_fwd(floats, ints, send_counts, recv_counts, kind, axis_name):
 def _exchange_bwd(kind, axis_name, residuals, cotangents):
     send_counts, recv_counts, ints = residuals
     g_floats, _ = cotangents
-    words = _move(pack(g_floats), kind, axis_name, recv_counts, send_counts)
+    words = _move(pack(g_floats, _row_multiple(kind)), kind, axis_name, recv_counts,
+                  send_counts)
     g_back = tuple(unpack(words, g_floats))
     return g_back, jax.tree.map(lambda _: None, ints), None, None
 
@@ -151,13 +177,14 @@ def exchange(floats, ints, *, kind: str, axis_name: str, send_counts: jax.Array,
              recv_counts: jax.Array | None = None):
     """Send block n of every array to device n; differentiable in `floats`.
 
-    Returns (floats, ints, recv_counts). For the ragged transport `recv_counts` is exchanged
-    first when not given; the dense transport needs none and returns None.
+    Returns (floats, ints, recv_counts). For the ragged and pallas transports `recv_counts` is
+    exchanged first when not given; the dense transport needs none and returns None.
     """
     floats, ints = tuple(floats), tuple(ints)
-    if kind == "ragged" and recv_counts is None:
+    ragged = kind in ("ragged", "pallas")
+    if ragged and recv_counts is None:
         recv_counts = exchange_counts(send_counts, axis_name)
     if kind == "dense":
         recv_counts = send_counts  # unused by the dense move; keeps the signature uniform
     out_floats, out_ints = _exchange(floats, ints, send_counts, recv_counts, kind, axis_name)
-    return out_floats, out_ints, (recv_counts if kind == "ragged" else None)
+    return out_floats, out_ints, (recv_counts if ragged else None)

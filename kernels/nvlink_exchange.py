@@ -1,0 +1,177 @@
+"""Row exchange over NVLink in one Pallas Mosaic GPU kernel: each device writes its rows straight
+into its peers' receive buffers (``plgpu.remote_ref``), DeepEP-style, instead of an all-to-all.
+
+Layout (the transports' block layout): ``words [N * C, W]`` uint32; block ``p`` (rows ``p*C`` …)
+goes to device ``p``, which stores it as its block ``me``. Only the first ``send_counts[p]`` rows
+of a block travel; the receiver zero-fills rows ``recv_counts[q] …  C`` of each block ``q``, so
+the result equals ``ragged_all_to_all`` into a zero buffer.
+
+Rows are moved as *lines* of ``line_words`` words (a row is ``W / line_words`` lines), in chunks
+of ``chunk_lines`` lines: TMA load into a shared-memory ring, TMA store to the peer. A tail
+shorter than a chunk goes as power-of-two pieces, so no byte outside the counted rows moves.
+
+Synchronisation (global semaphores, no NVLink multicast):
+1. *ready*: every block signals every peer, and waits for one signal from each peer before
+   writing into it — so a peer's output buffer belongs to this very call when it is written.
+2. *done*: after its stores have completed, every block signals every peer; block 0 of each
+   device waits for all of them, so no device finishes before all rows have landed in it.
+Counts are clamped to [0, C]: no copy ever leaves its block.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from kernels import platform
+
+CHUNK_BYTES = 32 * 1024  # bytes per TMA copy
+SMEM_BUDGET = 200 * 1024
+
+
+@dataclasses.dataclass(frozen=True)
+class ExchangeTiling:
+    line_words: int  # words per line (TMA box minor dim); divides the row width
+    chunk_lines: int  # lines per full copy (TMA box major dim, ≤ 256)
+    stages: int = 3  # shared-memory ring depth (stores in flight per block)
+    blocks: int = 132  # thread blocks (SMs) moving data
+
+
+def exchange_tiling(width_words: int, blocks: int | None = None, stages: int = 3,
+                    chunk_bytes: int = CHUNK_BYTES) -> ExchangeTiling:
+    """Lines as wide as the row width allows (≤ 64 words); chunks of ~``chunk_bytes``; one
+    block per SM unless told (2×H200 sweep in docs/benchmarks.md)."""
+    blocks = blocks or platform.num_sms(interpret=False)
+    for line in (64, 32, 16, 8, 4):
+        if width_words % line == 0:
+            chunk = max(1, min(256, chunk_bytes // (4 * line)))
+            stages = max(2, min(stages, (SMEM_BUDGET - chunk * line * 4) // (chunk * line * 4)))
+            return ExchangeTiling(line, chunk, stages, blocks)
+    raise ValueError(f"the Pallas exchange needs a row width in 32-bit words that is a multiple "
+                     f"of 4 (16 bytes); got {width_words}. Pad the rows.")
+
+
+def _each_piece(lines, chunk: int, block, blocks: int, fn) -> None:
+    """Call ``fn(first_line, size, i)`` for the pieces of ``lines`` lines this block owns:
+    full chunks round-robin over blocks (``i`` counts this block's chunks), then the tail as
+    power-of-two pieces (one block, ``i = 0``)."""
+    full = lines // chunk
+    mine = jnp.maximum(full - block + blocks - 1, 0) // blocks
+
+    @pl.loop(0, mine)
+    def _chunks(i):
+        fn((block + i * blocks) * chunk, chunk, i)
+
+    tail = lines - full * chunk
+
+    @pl.when((tail > 0) & (block == lax.rem(full, blocks)))
+    def _tail():
+        start = full * chunk
+        size = chunk // 2
+        while size >= 1:
+            @pl.when(tail & size != 0)
+            def _piece(size=size, start=start):
+                fn(start, size, 0)
+
+            start = start + (tail & size)
+            size //= 2
+
+
+def _kernel(send_ref, recv_ref, src_ref, out_ref, *, axis_name: str, num_devices: int,
+            cap_lines: int, lines_per_row: int, tiling: ExchangeTiling) -> None:
+    n, chunk, stages, blocks = num_devices, tiling.chunk_lines, tiling.stages, tiling.blocks
+    me = lax.axis_index(axis_name)
+    block = lax.axis_index("block")
+    ready = pl.get_global(plgpu.SemaphoreType.REGULAR((n,)))
+    done = pl.get_global(plgpu.SemaphoreType.REGULAR)
+    peers = [lax.rem(me + j, n) for j in range(1, n + 1)]  # this device last
+
+    for p in peers[:-1]:
+        pl.semaphore_signal(ready.at[me], device_id={axis_name: p})
+    for p in peers[:-1]:
+        pl.semaphore_wait(ready.at[p], 1)
+
+    def body(ring, bars, zeros):
+        zeros[...] = jnp.zeros(zeros.shape, zeros.dtype)
+        plgpu.commit_smem()
+
+        def rows(ref, p):
+            return jnp.clip(ref[p], 0, cap_lines // lines_per_row) * lines_per_row
+
+        for j, p in enumerate(peers):
+            dst = out_ref if j == n - 1 else plgpu.remote_ref(out_ref, {axis_name: p})
+
+            def move(first, size, i, p=p, dst=dst):
+                # A slot is reused once the store that last read it is done: `stages - 1`
+                # stores may stay in flight within a peer's chunks; none across pieces.
+                plgpu.wait_smem_to_gmem(stages - 1 if size == chunk else 0, wait_read_only=True)
+                slot = lax.rem(i, stages) if size == chunk else 0
+                buf = ring.at[slot, pl.ds(0, size)]
+                plgpu.copy_gmem_to_smem(src_ref.at[pl.ds(p * cap_lines + first, size)], buf,
+                                        bars.at[slot])
+                plgpu.barrier_wait(bars.at[slot])
+                plgpu.copy_smem_to_gmem(buf, dst.at[pl.ds(me * cap_lines + first, size)])
+
+            plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+            _each_piece(rows(send_ref, p), chunk, block, blocks, move)
+
+        for p in peers:  # zero the rows past what each peer sends here
+            used = rows(recv_ref, p)
+
+            def zero(first, size, i, p=p, used=used):
+                plgpu.copy_smem_to_gmem(zeros.at[pl.ds(0, size)],
+                                        out_ref.at[pl.ds(p * cap_lines + used + first, size)])
+                plgpu.wait_smem_to_gmem(stages - 1, wait_read_only=True)
+
+            _each_piece(cap_lines - used, chunk, block, blocks, zero)
+
+        plgpu.wait_smem_to_gmem(0, wait_read_only=False)
+
+    line = tiling.line_words
+    pl.run_scoped(
+        body,
+        plgpu.SMEM((stages, chunk, line), jnp.uint32),
+        plgpu.Barrier(num_barriers=stages),
+        plgpu.SMEM((chunk, line), jnp.uint32),
+    )
+    for p in peers[:-1]:
+        pl.semaphore_signal(done, device_id={axis_name: p})
+
+    @pl.when(block == 0)
+    def _wait_all():
+        pl.semaphore_wait(done, (n - 1) * blocks)
+
+
+def exchange_rows(words: jax.Array, send_counts: jax.Array, recv_counts: jax.Array, *,
+                  axis_name: str, num_devices: int,
+                  tiling: ExchangeTiling | None = None) -> jax.Array:
+    """Inside shard_map over ``axis_name``: block p of ``words`` [N*C, W] uint32 (its first
+    ``send_counts[p]`` rows) to device p; returns [N*C, W], rows past ``recv_counts`` zero."""
+    if words.dtype != jnp.uint32 or words.ndim != 2:
+        raise ValueError(f"exchange_rows moves [rows, words] uint32; got {words.dtype} "
+                         f"{words.shape}")
+    rows, width = words.shape
+    if rows % num_devices:
+        raise ValueError(f"exchange_rows: {rows} rows do not split into {num_devices} blocks")
+    tiling = tiling or exchange_tiling(width)
+    lines_per_row = width // tiling.line_words
+    cap_lines = rows // num_devices * lines_per_row
+    lines = words.reshape(rows * lines_per_row, tiling.line_words)
+    kernel = functools.partial(_kernel, axis_name=axis_name, num_devices=num_devices,
+                               cap_lines=cap_lines, lines_per_row=lines_per_row, tiling=tiling)
+    out = plgpu.kernel(
+        kernel,
+        out_type=jax.ShapeDtypeStruct(lines.shape, jnp.uint32),
+        grid=(tiling.blocks,),
+        grid_names=("block",),
+        compiler_params=plgpu.CompilerParams(
+            lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
+    )(send_counts.astype(jnp.int32), recv_counts.astype(jnp.int32), lines)
+    out = out.reshape(rows, width)
+    return platform.vary_like(out, words, send_counts)

@@ -1,0 +1,112 @@
+"""The Pallas NVLink transport (kernels/nvlink_exchange.py): the kernel moves exactly the counted
+rows and zero-fills the rest; MoE layers with transport='pallas' match the dense transport
+bit for bit, outputs and gradients. The kernel tests need ≥ 2 GPUs; on CPU only the config
+errors run."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import mesh_or_skip
+from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+from test_moe_layer import D_FF, D_MODEL, adversarial_layer, grads, make_input, make_layer
+
+import occult_jax as oj
+
+ON_GPUS = jax.default_backend() == "gpu" and jax.device_count() >= 2
+needs_gpus = pytest.mark.skipif(
+    not ON_GPUS, reason="the Pallas NVLink transport writes into peer GPUs: needs ≥ 2 GPUs "
+                        "(run this file on a GPU host; CPU CI checks the config errors only)")
+
+
+def test_pallas_transport_is_refused_off_gpu():
+    if jax.default_backend() == "gpu":
+        pytest.skip("checks the error raised on non-GPU meshes")
+    mesh = mesh_or_skip(2)
+    cfg = oj.MoEConfig(num_experts=4, top_k=2, d_model=8, d_ff=8, transport="pallas")
+    with pytest.raises(ValueError, match=r"transport='pallas'.*GPU"):
+        oj.MoELayer(cfg, mesh=mesh, rngs=nnx.Rngs(0))
+
+
+def test_odd_row_width_is_refused():
+    from kernels.nvlink_exchange import exchange_tiling
+
+    with pytest.raises(ValueError, match="multiple of 4"):
+        exchange_tiling(1041)
+    assert exchange_tiling(1040).line_words == 16
+
+
+def _exchange_fn(mesh, axis):
+    from kernels.nvlink_exchange import exchange_rows
+
+    n = dict(mesh.shape)[axis]
+
+    def body(words, send, recv):
+        return exchange_rows(words, send[0], recv[0], axis_name=axis, num_devices=n)
+
+    return jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(P(axis), P(axis), P(axis)),
+                                 out_specs=P(axis)))
+
+
+def _expected(words, send):
+    """NumPy statement: device i's block p comes from device p's block i, first send[p, i] rows
+    kept, the rest zero. words [N, N*C, W], send [N, N]."""
+    n, rows, _ = words.shape
+    cap = rows // n
+    out = np.zeros_like(words)
+    for i in range(n):
+        for p in range(n):
+            k = send[p, i]
+            out[i, p * cap: p * cap + k] = words[p, i * cap: i * cap + k]
+    return out
+
+
+@needs_gpus
+@pytest.mark.parametrize("cap,width", [(512, 1040), (300, 132), (1024, 64), (7, 12)])
+@pytest.mark.parametrize("routing", ["random", "all_to_one", "empty", "full"])
+def test_exchange_rows_moves_exactly_the_counted_rows(cap, width, routing):
+    n = 2
+    mesh = oj.make_mesh(expert=n)
+    rng = np.random.default_rng()
+    words = rng.integers(0, 2**32, (n, n * cap, width), dtype=np.uint64).astype(np.uint32)
+    send = {"random": rng.integers(0, cap + 1, (n, n)),
+            "all_to_one": np.array([[0, cap]] * n),  # every device sends only to device 1
+            "empty": np.zeros((n, n), int),
+            "full": np.full((n, n), cap)}[routing].astype(np.int32)
+    recv = send.T.copy()
+    sharding = NamedSharding(mesh, P("expert"))
+    put = functools.partial(jax.device_put, device=sharding)
+    out = _exchange_fn(mesh, "expert")(put(jnp.asarray(words.reshape(n * n * cap, width))),
+                                       put(jnp.asarray(send)), put(jnp.asarray(recv)))
+    got = np.asarray(out).reshape(n, n * cap, width)
+    np.testing.assert_array_equal(got, _expected(words, send))
+
+
+@needs_gpus
+@pytest.mark.parametrize("dispatch", ["standard", "occult"])
+@pytest.mark.parametrize("routing", ["random", "all_on_one_device"])
+def test_layer_matches_dense_transport_bitwise(dispatch, routing):
+    n = 2
+    mesh = oj.make_mesh(expert=n)
+    cfg = oj.MoEConfig(num_experts=8, top_k=4, d_model=D_MODEL, d_ff=D_FF, dispatch=dispatch)
+    seed = int(np.random.default_rng().integers(1 << 20))
+    if routing == "random":
+        placement = np.random.default_rng(seed).permutation(cfg.num_experts)
+        dense, _ = make_layer(cfg, mesh, seed, placement)
+        pallas, _ = make_layer(cfg.replace(transport="pallas"), mesh, seed, placement)
+        x = make_input(mesh.size, seed)
+    else:
+        dense, direction = adversarial_layer(cfg, mesh, seed, target_device=1)
+        pallas, _ = adversarial_layer(cfg.replace(transport="pallas"), mesh, seed, 1)
+        x = make_input(mesh.size, seed, direction)
+    cotangent = jnp.asarray(np.random.default_rng(seed).standard_normal(x.shape), jnp.float32)
+    (y_d, s_d), (y_p, s_p) = dense(x), pallas(x)
+    np.testing.assert_array_equal(np.asarray(y_p), np.asarray(y_d))
+    assert int(s_p["wire_rows"]) == int(s_d["wire_rows"])
+    for a, b in zip(jax.tree.leaves(grads(pallas, x, cotangent)),
+                    jax.tree.leaves(grads(dense, x, cotangent)), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
