@@ -131,10 +131,10 @@ def bench_shape(spec: str, args) -> list[dict]:
             else:
                 width = k if pass_ == "dx" else n
                 base = gm.gmm_tiling(n if pass_ == "dx" else k, width)
-                variants = [base] + ([dataclasses.replace(base, tile_n=tn_, stages=st,
-                                                          grid_tile_width=gw)
-                                      for tn_, st, gw in itertools.product(
-                                          (64, 128), (3, 4, 5), (8, 16))
+                variants = [base] + ([dataclasses.replace(base, tile_m=tm_, tile_n=tn_,
+                                                          stages=st, grid_tile_width=gw)
+                                      for tm_, tn_, st, gw in itertools.product(
+                                          (64, 128), (64, 128), (3, 4), (8, 16))
                                       if width % (2 * tn_) == 0] if small else [])
                 for t in dict.fromkeys(variants):
                     lst.append((str(t)[9:], jax.jit(

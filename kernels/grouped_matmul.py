@@ -4,6 +4,8 @@
 * GPU (Hopper): our Mosaic GPU kernels (``gmm_mgpu``, ``tgmm_mgpu``).
 * TPU: JAX's megablox kernels, behind the same interface.
 * CPU: the Mosaic GPU kernels in the Pallas interpreter (``interpret=True``; slow, for tests).
+* float32 operands on GPU: XLA's ``ragged_dot`` at full float32 precision. Hopper's tensor cores
+  take float32 only as TF32 with K-major operands, which the transposed forms do not have.
 
 ``gmm`` is a ``jax.custom_vjp``: d lhs = gmm(d out, rhs transposed), d rhs = tgmm(lhs, d out).
 Rows past ``sum(group_sizes)`` give zero outputs and receive zero gradients.
@@ -89,6 +91,9 @@ def _mode(interpret: bool | None) -> str:
 def _gmm_raw(lhs, rhs, group_sizes, out_dtype, transpose_rhs: bool, mode: str,
              tiling: GmmTiling | None = None) -> jax.Array:
     _check(lhs, rhs, group_sizes, transpose_rhs)
+    if mode == "gpu" and lhs.dtype == jnp.float32:
+        rhs = jnp.swapaxes(rhs, 1, 2) if transpose_rhs else rhs
+        return _varying_like(_xla_gmm(lhs, rhs, group_sizes, out_dtype), lhs, rhs, group_sizes)
     if mode == "tpu":
         from jax.experimental.pallas.ops.tpu.megablox import gmm as megablox
 
@@ -108,6 +113,10 @@ def _tgmm_raw(lhs, rhs, group_sizes, out_dtype, mode: str,
               tiling: TgmmTiling | None = None) -> jax.Array:
     if lhs.ndim != 2 or rhs.ndim != 2 or lhs.shape[0] != rhs.shape[0]:
         raise ValueError(f"tgmm wants lhs [M, K] and rhs [M, N]; got {lhs.shape}, {rhs.shape}")
+    if mode == "gpu" and lhs.dtype == jnp.float32:
+        weights = jnp.zeros((group_sizes.shape[0], lhs.shape[1], rhs.shape[1]), lhs.dtype)
+        _, pullback = jax.vjp(lambda w: _xla_gmm(lhs, w, group_sizes, rhs.dtype), weights)
+        return _varying_like(pullback(rhs)[0].astype(out_dtype), lhs, rhs, group_sizes)
     if mode == "tpu":
         from jax.experimental.pallas.ops.tpu.megablox import gmm as megablox
 
@@ -119,6 +128,11 @@ def _tgmm_raw(lhs, rhs, group_sizes, out_dtype, mode: str,
     out = tgmm_call(lhs, rhs, blocks, group_sizes.shape[0], out_dtype=out_dtype, tiling=tiling,
                     interpret=mode == "interpret")
     return _varying_like(out, lhs, rhs, group_sizes)
+
+
+def _xla_gmm(lhs, rhs, group_sizes, out_dtype) -> jax.Array:
+    return jax.lax.ragged_dot(lhs, rhs, group_sizes, precision=jax.lax.Precision.HIGHEST,
+                              preferred_element_type=out_dtype)
 
 
 def _varying_like(value: jax.Array, *refs: jax.Array) -> jax.Array:
