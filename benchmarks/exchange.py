@@ -30,11 +30,14 @@ def parse_args(argv=None):
     p.add_argument("--width", type=int, default=2048, help="bf16 elements per row")
     p.add_argument("--fill", default="1,0.6", help="fraction of each block's rows sent")
     p.add_argument("--transports", default="dense,ragged,pallas")
-    p.add_argument("--blocks", default="32", help="pallas: thread blocks (comma list sweeps)")
-    p.add_argument("--stages", default="4", help="pallas: shared-memory ring depth (sweeps)")
+    p.add_argument("--blocks", default="auto",
+                   help="pallas: thread blocks, 'auto' = one per SM (comma list sweeps)")
+    p.add_argument("--stages", default="3", help="pallas: shared-memory ring depth (sweeps)")
     p.add_argument("--chunk-kb", default="32", help="pallas: KB per TMA copy (sweeps)")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--iters", type=int, default=5)
+    p.add_argument("--peer-copy", action="store_true",
+                   help="also time jax.device_put from GPU 0 to GPU 1 (a copy-engine reference)")
     p.add_argument("--out", default=None)
     return p.parse_args(argv)
 
@@ -115,11 +118,12 @@ def main(argv=None) -> None:
             for kind in args.transports.split(","):
                 if kind == "pallas":
                     for b, st, kb in itertools.product(
-                            map(int, args.blocks.split(",")), map(int, args.stages.split(",")),
+                            [None if b == "auto" else int(b) for b in args.blocks.split(",")],
+                            map(int, args.stages.split(",")),
                             map(int, args.chunk_kb.split(","))):
                         t = nvlink_exchange.exchange_tiling(words_per_row, blocks=b, stages=st,
                                                             chunk_bytes=kb * 1024)
-                        variants.append((kind, f"b{b} s{t.stages} {kb}K", t))
+                        variants.append((kind, f"b{t.blocks} s{t.stages} {kb}K", t))
                 else:
                     variants.append((kind, "", None))
             for kind, label, tiling in variants:
@@ -142,6 +146,21 @@ def main(argv=None) -> None:
                       f"ok={ok}", file=sys.stderr, flush=True)
                 rows_out.append({"rows": rows, "fill": fill, "transport": kind, "config": label,
                                  "ms": ms, "GBps": gbs, "correct": ok})
+
+    if args.peer_copy and n > 1:
+        rows = max(map(int, args.rows.split(",")))
+        x = jax.device_put(jax.random.bits(jax.random.key(1), (rows, words_per_row), jnp.uint32),
+                           jax.devices()[0])
+        y = jax.device_put(x, jax.devices()[1])
+        for label, fn in (("0→1", lambda: jax.device_put(x, jax.devices()[1])),
+                          ("both ways", lambda: (jax.device_put(x, jax.devices()[1]),
+                                                 jax.device_put(y, jax.devices()[0])))):
+            ms = wall_ms(fn)
+            gbs = x.nbytes / ms / 1e6
+            print(f"  peer copy {label} {x.nbytes / 1e6:.0f} MB: {ms:.3f} ms {gbs:.1f} GB/s",
+                  file=sys.stderr)
+            rows_out.append({"rows": rows, "fill": 1.0, "transport": "device_put",
+                             "config": label, "ms": ms, "GBps": gbs, "correct": True})
 
     print(f"\n{'rows/GPU':>9} {'fill':>5} {'transport':10} {'config':14} {'ms':>8} "
           f"{'GB/s':>7} {'vs dense':>8} ok")

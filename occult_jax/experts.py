@@ -28,7 +28,8 @@ def pallas_fits(d_model: int, d_ff: int) -> bool:
 
 def _hopper_gpu() -> bool:
     device = jax.devices()[0]
-    return device.platform == "gpu" and str(getattr(device, "compute_capability", "")) >= "9.0"
+    capability = str(getattr(device, "compute_capability", ""))
+    return device.platform == "gpu" and capability.split(".")[0] == "9"  # wgmma: sm_90 only
 
 
 def resolve_backend(name: str, d_model: int, d_ff: int) -> str:
