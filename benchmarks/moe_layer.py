@@ -34,7 +34,7 @@ def parse_args(argv=None):
     p.add_argument("--tokens", type=int, default=16384, help="tokens per device")
     p.add_argument("--modes", default="standard,occult")
     p.add_argument("--transports", default="dense,ragged")
-    p.add_argument("--passes", default="fwd,fwd+bwd")
+    p.add_argument("--passes", default="fwd,fwd+bwd", help="'' = no timing (C_T, wire bytes only)")
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--expert-matmul", default="auto")
     p.add_argument("--capacity-factor", type=float, default=None)
@@ -56,6 +56,8 @@ def parse_args(argv=None):
                         "only); the difference is the expert compute and its gathers")
     p.add_argument("--profile", action="store_true",
                    help="also print each variant's top GPU ops (device-side time per pass)")
+    p.add_argument("--width", type=int, default=None,
+                   help="override d_model and d_ff (fast C_T / wire-row counts on CPU meshes)")
     p.add_argument("--out", default=None, help="write the rows as JSON here")
     return p.parse_args(argv)
 
@@ -100,6 +102,8 @@ def main(argv=None):
     rows = []
     for shape in args.shapes.split(","):
         e, k, d, f, shared, shared_f = SHAPES[shape]
+        if args.width:  # routing statistics only: C_T and wire rows do not depend on widths
+            d, f, shared_f = args.width, args.width, args.width if shared_f else 0
         base_cfg = oj.MoEConfig(num_experts=e, top_k=k, d_model=d, d_ff=f,
                                 num_shared_experts=shared, shared_d_ff=shared_f or None,
                                 dtype=args.dtype, expert_matmul=args.expert_matmul,
@@ -131,7 +135,7 @@ def main(argv=None):
                                    max_diff=float(np.abs(y - first[cap]).max()))
                         rows.append(row)
                         print(json.dumps(row), flush=True)
-    print_table(rows, args.passes.split(","))
+    print_table(rows, [p for p in args.passes.split(",") if p])
     if args.out:
         with open(args.out, "w") as fh:
             json.dump(rows, fh, indent=1)
@@ -188,8 +192,9 @@ def measure(layer, x, cot, args, timed, mesh):
     y, stats = fwd(params, x)
     cfg = layer.cfg
     row = {"mode": cfg.dispatch, "transport": cfg.transport, "ct": float(stats["ct"]),
-           "wire_MB": float(stats["wire_bytes"]) / 1e6, "dropped": int(stats["dropped"])}
-    for name in args.passes.split(","):
+           "wire_MB": float(stats["wire_bytes"]) / 1e6, "dropped": int(stats["dropped"]),
+           "wire_rows_per_token": float(stats["wire_rows"]) / x.shape[0]}
+    for name in [p for p in args.passes.split(",") if p]:
         call = (fwd, params, x) if name == "fwd" else (step, params, x, cot)
         row[name + "_ms"] = timed(*call)
     if args.profile:

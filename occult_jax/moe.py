@@ -50,12 +50,14 @@ class ExpertSimilarity(nnx.Variable):
 class SharedExperts(nnx.Module):
     """Always-on dense SwiGLU added to the MoE output (Qwen1.5-MoE, DeepSeek-MoE)."""
 
-    def __init__(self, cfg: MoEConfig, *, rngs: nnx.Rngs):
+    def __init__(self, cfg: MoEConfig, *, rngs: nnx.Rngs, mesh: Mesh | None = None):
         d, f, dtype = cfg.d_model, cfg.shared_width, jnp.dtype(cfg.param_dtype)
-        self.w_gate = nnx.Param(_normal(rngs, (d, f), d, dtype))
-        self.w_up = nnx.Param(_normal(rngs, (d, f), d, dtype))
-        self.w_down = nnx.Param(_normal(rngs, (f, d), f, dtype))
-        self.gate = nnx.Param(_normal(rngs, (d, 1), d, dtype)) if cfg.shared_expert_gate else None
+        replicated = _placer(mesh, PartitionSpec())
+        self.w_gate = nnx.Param(replicated(_normal(rngs, (d, f), d, dtype)))
+        self.w_up = nnx.Param(replicated(_normal(rngs, (d, f), d, dtype)))
+        self.w_down = nnx.Param(replicated(_normal(rngs, (f, d), f, dtype)))
+        self.gate = (nnx.Param(replicated(_normal(rngs, (d, 1), d, dtype)))
+                     if cfg.shared_expert_gate else None)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         dtype = x.dtype
@@ -94,7 +96,7 @@ class MoELayer(nnx.Module):
         self.placement = ExpertPlacement(replicated(jnp.arange(e, dtype=jnp.int32)))
         self.similarity = ExpertSimilarity(replicated(jnp.zeros((e, e), jnp.float32)))
         self.similarity_calibrated = ExpertSimilarity(replicated(jnp.zeros((), jnp.bool_)))
-        self.shared = SharedExperts(cfg, rngs=rngs) if cfg.num_shared_experts else None
+        self.shared = SharedExperts(cfg, rngs=rngs, mesh=mesh) if cfg.num_shared_experts else None
 
     @staticmethod
     def _axis_size(cfg: MoEConfig, mesh: Mesh) -> int:

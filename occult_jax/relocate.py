@@ -47,12 +47,20 @@ def _layer_of_placement(keys: tuple) -> tuple | None:
 
 
 def _match(keys: tuple, layer: tuple, names: Iterable[str]) -> str | None:
-    """The name if keys contain layer + (name,) contiguously, else None."""
-    span = len(layer) + 1
-    for start in range(len(keys) - span + 1):
-        if keys[start:start + len(layer)] == layer and keys[start + len(layer)] in names:
-            return keys[start + len(layer)]
-    return None
+    """The name if keys end with layer + (name,) (then "value"), else None. Prefixes are allowed
+    (optimizer states nest the parameter paths); nothing may follow the name. For a bare layer
+    (path ()) a submodule's array (shared experts' w_gate) looks the same, so callers also check
+    the shape (`_is_expert_array`)."""
+    trimmed = keys[:-1] if keys and keys[-1] == "value" else keys
+    if len(trimmed) <= len(layer) or trimmed[-1] not in names:
+        return None
+    return trimmed[-1] if trimmed[len(trimmed) - 1 - len(layer):-1] == layer else None
+
+
+def _is_expert_array(leaf, num_experts: int) -> bool:
+    """[E, a, b] stacked expert weights (or their optimizer moments)."""
+    shape = getattr(leaf, "shape", ())
+    return len(shape) == 3 and shape[0] == num_experts
 
 
 def _check(placements: Mapping[tuple, Any], num_experts: dict[tuple, int]) -> None:
@@ -97,7 +105,8 @@ def apply_placement(model_state: Any, placements: Mapping[tuple, Any], *others: 
         for i, (path, leaf) in enumerate(leaves):
             keys = _keys(path)
             for layer in perms:
-                if _match(keys, layer, EXPERT_ARRAYS):
+                if (_match(keys, layer, EXPERT_ARRAYS)
+                        and _is_expert_array(leaf, perms[layer].shape[0])):
                     moves[t, i] = perms[layer]
                 elif _layer_of_placement(keys) == layer:
                     values[t][i] = jax.device_put(maps[layer].astype(leaf.dtype), leaf.sharding)

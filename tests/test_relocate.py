@@ -52,6 +52,28 @@ def test_outputs_unchanged_and_weights_moved(dispatch):
         assert new_layer.w_down[...].sharding == old_layer.w_down[...].sharding
 
 
+def test_shared_experts_stay_put_and_on_the_mesh():
+    """A bare layer with shared experts: only the routed experts move; the shared SwiGLU's
+    [d, f] weights are neither permuted nor left off the mesh (sub-mesh of the host's devices)."""
+    mesh = mesh_or_skip(4)
+    cfg = oj.MoEConfig(num_experts=16, top_k=4, d_model=16, d_ff=8, num_shared_experts=2,
+                       shared_d_ff=16, dispatch="occult")
+    layer = oj.MoELayer(cfg, mesh=mesh, rngs=nnx.Rngs(3))
+    rng = np.random.default_rng(4)
+    x = jnp.asarray(rng.standard_normal((2, 16, 16)), jnp.float32)
+    y_before, _ = layer(x)
+    shared_before = {n: np.asarray(getattr(layer.shared, n)[...]) for n in ("w_gate", "w_up",
+                                                                          "w_down")}
+    for name in shared_before:
+        assert getattr(layer.shared, name)[...].sharding.device_set == set(mesh.devices.flat)
+    (moved,) = oj.apply_placement(nnx.state(layer), {(): random_slots(rng, 16)})
+    nnx.update(layer, moved)
+    y_after, _ = layer(x)
+    np.testing.assert_allclose(np.asarray(y_after), np.asarray(y_before), rtol=1e-5, atol=1e-6)
+    for name, before in shared_before.items():
+        np.testing.assert_array_equal(np.asarray(getattr(layer.shared, name)[...]), before)
+
+
 def test_training_continues_on_the_same_loss_curve():
     mesh = mesh_or_skip(4, 2)
     cfg = oj.MoEConfig(num_experts=16, top_k=4, d_model=16, d_ff=8, dispatch="occult")
