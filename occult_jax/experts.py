@@ -32,15 +32,17 @@ def _hopper_gpu() -> bool:
     return device.platform == "gpu" and capability.split(".")[0] == "9"  # wgmma: sm_90 only
 
 
-def resolve_backend(name: str, d_model: int, d_ff: int) -> str:
+def resolve_backend(name: str, d_model: int, d_ff: int, dtype: str = "bfloat16") -> str:
     """"auto" → the fastest grouped matmul here: the Pallas kernels on Hopper GPUs and TPUs
-    (when the widths fit them), the blocked XLA matmul on other GPUs, ragged_dot on CPU."""
+    (when the widths fit them; on GPUs for 16-bit dtypes only, float32 there is XLA's
+    ragged_dot at full precision), the blocked XLA matmul otherwise, ragged_dot on CPU."""
     if name != "auto":
         return name
     platform = jax.default_backend()
     if platform == "cpu":
         return "ragged_dot"
-    if pallas_fits(d_model, d_ff) and (platform == "tpu" or _hopper_gpu()):
+    fast_on_gpu = _hopper_gpu() and jnp.dtype(dtype).itemsize == 2
+    if pallas_fits(d_model, d_ff) and (platform == "tpu" or fast_on_gpu):
         return "pallas"
     return "blocked"
 

@@ -150,7 +150,7 @@ class MoELayer(nnx.Module):
             all_axes=tuple(mesh.axis_names),
             num_devices=self.num_devices,
             capacity=config_lib.peer_capacity(cfg, num_tokens // mesh.size, self.num_devices),
-            backend=resolve_backend(cfg.expert_matmul, cfg.d_model, cfg.d_ff),
+            backend=resolve_backend(cfg.expert_matmul, cfg.d_model, cfg.d_ff, cfg.dtype),
         )
 
     def _expert_parallel(self, x2d, weights, placement):

@@ -117,3 +117,20 @@ def test_layer_with_pallas_kernels_matches_ragged_dot(dispatch):
     for a, b in zip(jax.tree.leaves(g_other), jax.tree.leaves(g_base), strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4,
                                    atol=1e-4 * float(np.abs(np.asarray(b)).max()))
+
+
+@pytest.mark.parametrize("platform,hopper,dtype,widths,want", [
+    ("cpu", False, "bfloat16", (256, 128), "ragged_dot"),
+    ("gpu", True, "bfloat16", (256, 128), "pallas"),
+    ("gpu", True, "float32", (256, 128), "blocked"),   # f32 Pallas on GPU is XLA at HIGHEST
+    ("gpu", True, "bfloat16", (256, 96), "blocked"),   # widths the kernels cannot tile
+    ("gpu", False, "bfloat16", (256, 128), "blocked"),  # no wgmma before Hopper
+    ("tpu", False, "float32", (256, 128), "pallas"),
+])
+def test_auto_backend_choice(monkeypatch, platform, hopper, dtype, widths, want):
+    from occult_jax import experts as experts_lib
+
+    monkeypatch.setattr(experts_lib.jax, "default_backend", lambda: platform)
+    monkeypatch.setattr(experts_lib, "_hopper_gpu", lambda: hopper)
+    assert experts_lib.resolve_backend("auto", *widths, dtype) == want
+    assert experts_lib.resolve_backend("einsum", *widths, dtype) == "einsum"
