@@ -123,11 +123,18 @@ def _validate_groups(cfg: MoEConfig) -> None:
 
 
 def validate_for_mesh(cfg: MoEConfig, axis_names: tuple[str, ...], expert_axis_size: int,
-                      num_devices: int, num_tokens: int, platform: str = "cpu") -> None:
-    """Checks that need the mesh and the input; called before anything is traced or compiled."""
-    _require(cfg.transport != "pallas" or cfg.dispatch == "reference" or platform == "gpu",
+                      num_devices: int, num_tokens: int, platform: str = "cpu",
+                      expert_axis_hosts: int = 1) -> None:
+    """Checks that need the mesh and the input; called before anything is traced or compiled.
+    `expert_axis_hosts`: most processes that one group of devices along the expert axis spans."""
+    pallas = cfg.transport == "pallas" and cfg.dispatch != "reference"
+    _require(not pallas or platform == "gpu",
              f"MoEConfig.transport='pallas' writes into peer GPUs over NVLink and runs on GPU "
              f"meshes only (this mesh is on {platform}); use 'dense' or 'ragged'.")
+    _require(not pallas or expert_axis_hosts == 1,
+             f"MoEConfig.transport='pallas' needs each expert-axis group on one host (NVLink); "
+             f"this mesh's expert axis spans {expert_axis_hosts} processes. Use 'dense' or "
+             f"'ragged', or put the expert axis inside a host.")
     _require(cfg.expert_axis in axis_names,
              f"mesh axes {axis_names} have no {cfg.expert_axis!r} axis; build the mesh with "
              f"oj.make_mesh(expert=...) or set MoEConfig.expert_axis.")

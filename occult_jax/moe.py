@@ -7,6 +7,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, PartitionSpec
 
@@ -33,6 +34,19 @@ def _normal(rngs: nnx.Rngs, shape: tuple[int, ...], fan_in: int, dtype) -> jax.A
 
 def _platform(mesh: Mesh) -> str:
     return mesh.devices.flat[0].platform
+
+
+def expert_axis_hosts(devices: np.ndarray, axis_index: int) -> int:
+    """Most distinct processes among the devices of one expert-axis group of a mesh array."""
+    groups = np.moveaxis(np.asarray(devices), axis_index, -1).reshape(-1, devices.shape[axis_index])
+    return max(len({d.process_index for d in group}) for group in groups)
+
+
+def _mesh_facts(cfg: MoEConfig, mesh: Mesh) -> dict:
+    names = list(mesh.axis_names)
+    hosts = (expert_axis_hosts(mesh.devices, names.index(cfg.expert_axis))
+             if cfg.expert_axis in names else 1)
+    return {"platform": _platform(mesh), "expert_axis_hosts": hosts}
 
 
 def _placer(mesh: Mesh | None, spec: PartitionSpec):
@@ -84,7 +98,7 @@ class MoELayer(nnx.Module):
                              "mesh=oj.make_mesh(...) or use dispatch='reference'.")
         if mesh is not None:
             config_lib.validate_for_mesh(cfg, tuple(mesh.axis_names), self._axis_size(cfg, mesh),
-                                         mesh.size, mesh.size, _platform(mesh))
+                                         mesh.size, mesh.size, **_mesh_facts(cfg, mesh))
         self.cfg, self.mesh = cfg, mesh
         e, d, f, dtype = cfg.num_experts, cfg.d_model, cfg.d_ff, jnp.dtype(cfg.param_dtype)
         expert_sharding = _placer(mesh, mesh_lib.expert_spec(cfg.expert_axis))
@@ -144,7 +158,7 @@ class MoELayer(nnx.Module):
         """The static layout of a call on `num_tokens` tokens (validated first)."""
         cfg, mesh = self.cfg, self.mesh
         config_lib.validate_for_mesh(cfg, tuple(mesh.axis_names), self.num_devices, mesh.size,
-                                     num_tokens, _platform(mesh))
+                                     num_tokens, **_mesh_facts(cfg, mesh))
         return Layout(
             axis_name=cfg.expert_axis,
             all_axes=tuple(mesh.axis_names),

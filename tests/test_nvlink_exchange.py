@@ -32,6 +32,26 @@ def test_pallas_transport_is_refused_off_gpu():
         oj.MoELayer(cfg, mesh=mesh, rngs=nnx.Rngs(0))
 
 
+def test_expert_axis_across_hosts_is_refused():
+    """Peers must share NVLink: an expert-axis group spanning processes is a config error."""
+    from types import SimpleNamespace
+
+    from occult_jax.moe import expert_axis_hosts
+
+    # mesh [data=2, expert=4] over 2 hosts of 4 devices: host = data index → groups on one host
+    by_data = np.array([[SimpleNamespace(process_index=h) for _ in range(4)] for h in range(2)])
+    assert expert_axis_hosts(by_data, 1) == 1
+    assert expert_axis_hosts(by_data, 0) == 2  # the data axis does cross hosts
+    # mesh [data=4, expert=2] where each expert pair straddles the two hosts
+    straddle = np.array([[SimpleNamespace(process_index=e) for e in range(2)] for _ in range(4)])
+    assert expert_axis_hosts(straddle, 1) == 2
+    cfg = oj.MoEConfig(num_experts=4, top_k=2, d_model=8, d_ff=8, transport="pallas")
+    with pytest.raises(ValueError, match="one host"):
+        oj.config.validate_for_mesh(cfg, ("data", "expert"), 2, 8, 8, platform="gpu",
+                                    expert_axis_hosts=2)
+    oj.config.validate_for_mesh(cfg, ("data", "expert"), 2, 8, 8, platform="gpu")
+
+
 def test_odd_row_width_is_refused():
     from kernels.nvlink_exchange import exchange_tiling
 
