@@ -5,7 +5,8 @@
 * TPU: JAX's megablox kernels, behind the same interface.
 * CPU: the Mosaic GPU kernels in the Pallas interpreter (``interpret=True``; slow, for tests).
 * float32 operands on GPU: XLA's ``ragged_dot`` at full float32 precision. Hopper's tensor cores
-  take float32 only as TF32 with K-major operands, which the transposed forms do not have.
+  take float32 only as TF32 with both operands K-major in shared memory, which our N-major
+  weight tiles are not (Mosaic refuses the lowering).
 
 ``gmm`` is a ``jax.custom_vjp``: d lhs = gmm(d out, rhs transposed), d rhs = tgmm(lhs, d out).
 Rows past ``sum(group_sizes)`` give zero outputs and receive zero gradients.
