@@ -94,7 +94,7 @@ def _gmm_raw(lhs, rhs, group_sizes, out_dtype, transpose_rhs: bool, mode: str,
     _check(lhs, rhs, group_sizes, transpose_rhs)
     if mode == "gpu" and lhs.dtype == jnp.float32:
         rhs = jnp.swapaxes(rhs, 1, 2) if transpose_rhs else rhs
-        return _varying_like(_xla_gmm(lhs, rhs, group_sizes, out_dtype), lhs, rhs, group_sizes)
+        return platform.vary_like(_xla_gmm(lhs, rhs, group_sizes, out_dtype), lhs, rhs, group_sizes)
     if mode == "tpu":
         from jax.experimental.pallas.ops.tpu.megablox import gmm as megablox
 
@@ -107,7 +107,7 @@ def _gmm_raw(lhs, rhs, group_sizes, out_dtype, transpose_rhs: bool, mode: str,
     tiles = schedule.row_tiles(group_sizes, lhs.shape[0], tiling.tile_m)
     out = gmm_call(lhs, rhs, tiles, out_dtype=out_dtype, tiling=tiling,
                    transpose_rhs=transpose_rhs, interpret=mode == "interpret")
-    return _varying_like(out[:m], lhs, rhs, group_sizes)
+    return platform.vary_like(out[:m], lhs, rhs, group_sizes)
 
 
 def _tgmm_raw(lhs, rhs, group_sizes, out_dtype, mode: str,
@@ -117,7 +117,7 @@ def _tgmm_raw(lhs, rhs, group_sizes, out_dtype, mode: str,
     if mode == "gpu" and lhs.dtype == jnp.float32:
         weights = jnp.zeros((group_sizes.shape[0], lhs.shape[1], rhs.shape[1]), lhs.dtype)
         _, pullback = jax.vjp(lambda w: _xla_gmm(lhs, w, group_sizes, rhs.dtype), weights)
-        return _varying_like(pullback(rhs)[0].astype(out_dtype), lhs, rhs, group_sizes)
+        return platform.vary_like(pullback(rhs)[0].astype(out_dtype), lhs, rhs, group_sizes)
     if mode == "tpu":
         from jax.experimental.pallas.ops.tpu.megablox import gmm as megablox
 
@@ -128,21 +128,12 @@ def _tgmm_raw(lhs, rhs, group_sizes, out_dtype, mode: str,
     blocks = schedule.group_blocks(group_sizes, lhs.shape[0], tiling.tile_m)
     out = tgmm_call(lhs, rhs, blocks, group_sizes.shape[0], out_dtype=out_dtype, tiling=tiling,
                     interpret=mode == "interpret")
-    return _varying_like(out, lhs, rhs, group_sizes)
+    return platform.vary_like(out, lhs, rhs, group_sizes)
 
 
 def _xla_gmm(lhs, rhs, group_sizes, out_dtype) -> jax.Array:
     return jax.lax.ragged_dot(lhs, rhs, group_sizes, precision=jax.lax.Precision.HIGHEST,
                               preferred_element_type=out_dtype)
-
-
-def _varying_like(value: jax.Array, *refs: jax.Array) -> jax.Array:
-    """Give ``value`` the shard_map variance of ``refs`` (``platform.vary_like``).
-
-    Inside the custom VJP the outputs must vary like the operands. Outside it, widening ``rhs``
-    to vary like ``lhs`` lets autodiff insert the psum its gradient needs.
-    """
-    return platform.vary_like(value, *refs)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
@@ -172,7 +163,7 @@ def gmm(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *,
     ``interpret``: None picks the compiled kernel on GPU/TPU and the interpreter on CPU.
     """
     out_dtype = jnp.dtype(preferred_element_type or lhs.dtype)
-    rhs = _varying_like(rhs, lhs)
+    rhs = platform.vary_like(rhs, lhs)  # so autodiff inserts the psum rhs's gradient needs
     return _gmm(lhs, rhs, group_sizes.astype(jnp.int32), out_dtype, _mode(interpret))
 
 

@@ -10,6 +10,12 @@ TRANSPORTS = ("dense", "ragged", "pallas")
 SCORE_FNS = ("softmax", "sigmoid")
 EXPERT_MATMULS = ("auto", "pallas", "ragged_dot", "blocked", "einsum")
 PRUNE_RULES = ("score", "group_score", "similarity")
+
+
+def pallas_fits(d_model: int, d_ff: int) -> bool:
+    """Whether the Pallas grouped matmul takes these widths (outputs in 128s, contractions
+    in 64s)."""
+    return d_model % 128 == 0 and d_ff % 128 == 0
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -85,7 +91,7 @@ def validate(cfg: MoEConfig) -> None:
     _one_of("transport", cfg.transport, TRANSPORTS)
     _one_of("score_fn", cfg.score_fn, SCORE_FNS)
     _one_of("expert_matmul", cfg.expert_matmul, EXPERT_MATMULS)
-    _require(cfg.expert_matmul != "pallas" or (cfg.d_model % 128 == 0 and cfg.d_ff % 128 == 0),
+    _require(cfg.expert_matmul != "pallas" or pallas_fits(cfg.d_model, cfg.d_ff),
              f"MoEConfig.expert_matmul='pallas' needs d_model and d_ff to be multiples of 128 "
              f"(got {cfg.d_model}, {cfg.d_ff}); use 'auto' or 'ragged_dot'.")
     _one_of("prune_rule", cfg.prune_rule, PRUNE_RULES)

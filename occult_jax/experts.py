@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 
 from occult_jax.blocked_gmm import blocked_gmm
+from occult_jax.config import pallas_fits
 from occult_jax.plan import ExpertPlan
 
 
@@ -16,14 +17,6 @@ def swiglu(x: jax.Array, w_gate: jax.Array, w_up: jax.Array, w_down: jax.Array) 
 
 BLOCKED_ROWS = 1024  # rows per expert-aligned block of the "blocked" backend
 BLOCKED_CHUNK = 8  # blocks per batched product (one loop step) of the "blocked" backend
-
-
-PALLAS_ROWS = 128  # the Pallas kernels' row multiple (kernels.grouped_matmul.ROW_MULTIPLE)
-
-
-def pallas_fits(d_model: int, d_ff: int) -> bool:
-    """Whether the Pallas kernels take these widths (outputs in 128s, contractions in 64s)."""
-    return d_model % 128 == 0 and d_ff % 128 == 0
 
 
 def _hopper_gpu() -> bool:
@@ -53,7 +46,9 @@ def row_layout(backend: str) -> tuple[int, int]:
     if backend == "blocked":
         return BLOCKED_ROWS, BLOCKED_ROWS * BLOCKED_CHUNK
     if backend == "pallas":
-        return 1, PALLAS_ROWS
+        from kernels.grouped_matmul import ROW_MULTIPLE
+
+        return 1, ROW_MULTIPLE
     return 1, 1
 
 

@@ -123,10 +123,9 @@ def _move(words, kind, axis_name, send_counts, recv_counts):
     if kind == "pallas":
         from kernels.nvlink_exchange import exchange_rows
 
-        padded = _pad_words(words)  # a no-op for rows packed by `pack(..., 4)`
-        out = exchange_rows(padded, send_counts, recv_counts, axis_name=axis_name,
-                            num_devices=num)
-        return out if padded is words else out[:, : words.shape[1]]
+        # rows come from `pack(..., _row_multiple("pallas"))`: whole 16-byte units
+        return exchange_rows(words, send_counts, recv_counts, axis_name=axis_name,
+                             num_devices=num)
     capacity = words.shape[0] // num
     me = jax.lax.axis_index(axis_name)
     starts = (jnp.arange(num) * capacity).astype(jnp.int32)
@@ -135,12 +134,6 @@ def _move(words, kind, axis_name, send_counts, recv_counts):
         words, output, starts, send_counts.astype(jnp.int32),
         jnp.full((num,), me * capacity, jnp.int32), recv_counts.astype(jnp.int32),
         axis_name=axis_name)
-
-
-def _pad_words(words: jax.Array) -> jax.Array:
-    """Rows padded to a multiple of 4 words (16 bytes), as TMA copies need."""
-    extra = -words.shape[1] % 4
-    return jnp.pad(words, ((0, 0), (0, extra))) if extra else words
 
 
 def exchange_counts(send_counts: jax.Array, axis_name: str) -> jax.Array:
