@@ -49,6 +49,24 @@ def vary_like(value: jax.Array, *refs: jax.Array) -> jax.Array:
     return _add_empty_sums(value, refs)  # pragma: no cover - older JAX
 
 
+def vary_together(*arrays: jax.Array) -> tuple[jax.Array, ...]:
+    """Each array widened to vary over every mesh axis any of them varies over (the Pallas
+    interpreter's slices need operands of one variance inside shard_map)."""
+    return tuple(vary_like(a, *arrays) for a in arrays)
+
+
+def out_struct(shape: tuple[int, ...], dtype, *operands: jax.Array) -> jax.ShapeDtypeStruct:
+    """A pallas_call output type that varies over the mesh axes its operands vary over (inside
+    shard_map, where the call's output types must say so); a plain struct elsewhere."""
+    try:
+        varying = frozenset().union(
+            *(jax.typeof(o).manual_axis_type.varying for o in operands))
+        mat = jax.sharding.ManualAxisType(varying=varying)
+    except AttributeError:  # pragma: no cover - JAX without manual axis types
+        return jax.ShapeDtypeStruct(shape, dtype)
+    return jax.ShapeDtypeStruct(shape, dtype, manual_axis_type=mat)
+
+
 def _add_empty_sums(value: jax.Array, refs) -> jax.Array:
     for ref in refs:
         value = value + ref[:0].sum().astype(value.dtype)

@@ -8,15 +8,15 @@ import math
 DISPATCHES = ("reference", "standard", "occult")
 TRANSPORTS = ("dense", "ragged", "pallas")
 SCORE_FNS = ("softmax", "sigmoid")
-EXPERT_MATMULS = ("auto", "pallas", "ragged_dot", "blocked", "einsum")
+EXPERT_MATMULS = ("auto", "pallas", "ragged_dot", "blocked", "einsum", "fused")
 PRUNE_RULES = ("score", "group_score", "similarity")
+DTYPES = ("float32", "bfloat16", "float16")
 
 
 def pallas_fits(d_model: int, d_ff: int) -> bool:
     """Whether the Pallas grouped matmul takes these widths (outputs in 128s, contractions
     in 64s)."""
     return d_model % 128 == 0 and d_ff % 128 == 0
-DTYPES = ("float32", "bfloat16", "float16")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,7 +49,7 @@ class MoEConfig:
     num_shared_experts: int = 0
     shared_d_ff: int | None = None  # width of each shared expert; defaults to d_ff
     shared_expert_gate: bool = False  # Qwen2-MoE style sigmoid gate on the shared output
-    expert_matmul: str = "auto"  # "auto" | "pallas" | "ragged_dot" | "blocked" | "einsum"
+    expert_matmul: str = "auto"  # one of EXPERT_MATMULS (see experts.resolve_backend)
     max_devices_per_token: int | None = None  # collaboration pruning: cap devices per token
     prune_rule: str = "score"  # "score" | "group_score" | "similarity" (see pruning.py)
     dtype: str = "float32"  # compute dtype of activations and expert matmuls
@@ -94,6 +94,12 @@ def validate(cfg: MoEConfig) -> None:
     _require(cfg.expert_matmul != "pallas" or pallas_fits(cfg.d_model, cfg.d_ff),
              f"MoEConfig.expert_matmul='pallas' needs d_model and d_ff to be multiples of 128 "
              f"(got {cfg.d_model}, {cfg.d_ff}); use 'auto' or 'ragged_dot'.")
+    if cfg.expert_matmul == "fused":
+        from kernels.gather_matmul import MIN_TILE
+
+        _require(cfg.d_model % MIN_TILE == 0 and cfg.d_ff % MIN_TILE == 0,
+                 f"MoEConfig.expert_matmul='fused' needs d_model and d_ff to be multiples of "
+                 f"{MIN_TILE} (got {cfg.d_model}, {cfg.d_ff}); use 'auto'.")
     _one_of("prune_rule", cfg.prune_rule, PRUNE_RULES)
     _require(cfg.max_devices_per_token is None or cfg.max_devices_per_token >= 1,
              f"MoEConfig.max_devices_per_token={cfg.max_devices_per_token!r} must be >= 1, "
@@ -141,6 +147,9 @@ def validate_for_mesh(cfg: MoEConfig, axis_names: tuple[str, ...], expert_axis_s
              f"MoEConfig.transport='pallas' needs each expert-axis group on one host (NVLink); "
              f"this mesh's expert axis spans {expert_axis_hosts} processes. Use 'dense' or "
              f"'ragged', or put the expert axis inside a host.")
+    _require(cfg.expert_matmul != "fused" or platform in ("gpu", "cpu"),
+             f"MoEConfig.expert_matmul='fused' runs on GPUs (interpreted on CPU), not on "
+             f"{platform}; use 'auto'.")
     _require(cfg.expert_axis in axis_names,
              f"mesh axes {axis_names} have no {cfg.expert_axis!r} axis; build the mesh with "
              f"oj.make_mesh(expert=...) or set MoEConfig.expert_axis.")

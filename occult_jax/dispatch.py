@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from occult_jax import plan as plan_lib
 from occult_jax import routing as routing_lib
 from occult_jax.config import MoEConfig
-from occult_jax.experts import grouped_swiglu, row_layout, swiglu
+from occult_jax.experts import row_layout, swiglu, swiglu_combine
 from occult_jax.row_maps import expand_rows, reduce_rows
 from occult_jax.transport import exchange, row_bytes
 
@@ -46,13 +46,11 @@ def compute_experts(rows: jax.Array, slot_expert: jax.Array, slot_weight: jax.Ar
     """Received rows [R, d] → one pre-combined output row each: Σ_pairs weight · FFN_e(row)."""
     experts_per_device = weights.w_gate.shape[0]
     items = plan_lib.make_expert_plan(slot_expert, experts_per_device, *row_layout(backend))
-    x_items = expand_rows(rows, items.item_row, items.row_items)
-    dtype = rows.dtype
-    y_items = grouped_swiglu(x_items, items, weights.w_gate.astype(dtype),
-                             weights.w_up.astype(dtype), weights.w_down.astype(dtype), backend)
     w_items = jnp.where(items.item_pair >= 0,
                         jnp.take(slot_weight.reshape(-1), jnp.maximum(items.item_pair, 0)), 0.0)
-    return reduce_rows(y_items, items.row_items, items.item_row, w_items)
+    dtype = rows.dtype
+    return swiglu_combine(rows, items, w_items, weights.w_gate.astype(dtype),
+                          weights.w_up.astype(dtype), weights.w_down.astype(dtype), backend)
 
 
 def expert_parallel_moe(x: jax.Array, weights: ExpertWeights, expert_slot: jax.Array,

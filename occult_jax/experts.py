@@ -8,6 +8,7 @@ import jax.numpy as jnp
 from occult_jax.blocked_gmm import blocked_gmm
 from occult_jax.config import pallas_fits
 from occult_jax.plan import ExpertPlan
+from occult_jax.row_maps import expand_rows, reduce_rows
 
 
 def swiglu(x: jax.Array, w_gate: jax.Array, w_up: jax.Array, w_down: jax.Array) -> jax.Array:
@@ -49,6 +50,11 @@ def row_layout(backend: str) -> tuple[int, int]:
         from kernels.grouped_matmul import ROW_MULTIPLE
 
         return 1, ROW_MULTIPLE
+    if backend == "fused":
+        from kernels.fused_experts import default_tiling
+
+        block = default_tiling().block_m
+        return block, block
     return 1, 1
 
 
@@ -82,7 +88,7 @@ def grouped_matmul(x: jax.Array, w: jax.Array, groups: ExpertPlan, backend: str)
 
         return gmm(x, w, groups.group_sizes)
     raise ValueError(f"unknown expert_matmul backend {backend!r}; use one of "
-                     "'ragged_dot', 'blocked', 'einsum', 'pallas'.")
+                     "'ragged_dot', 'blocked', 'einsum', 'pallas', 'fused'.")
 
 
 def grouped_swiglu(x: jax.Array, groups: ExpertPlan, w_gate: jax.Array, w_up: jax.Array,
@@ -91,3 +97,22 @@ def grouped_swiglu(x: jax.Array, groups: ExpertPlan, w_gate: jax.Array, w_up: ja
     gate = grouped_matmul(x, w_gate, groups, backend)
     up = grouped_matmul(x, w_up, groups, backend)
     return grouped_matmul(jax.nn.silu(gate) * up, w_down, groups, backend)
+
+
+def swiglu_combine(rows: jax.Array, items: ExpertPlan, item_weight: jax.Array,
+                   w_gate: jax.Array, w_up: jax.Array, w_down: jax.Array,
+                   backend: str) -> jax.Array:
+    """Received rows [R, d] → Σ over each row's items of item_weight · SwiGLU_expert(row).
+
+    "fused": one set of kernels reads the rows through the plan and pre-combines in float32
+    (kernels/fused_experts.py). Otherwise: copy rows into item order, grouped SwiGLU, then a
+    weighted gather-sum back to rows.
+    """
+    if backend == "fused":
+        from kernels.fused_experts import fused_swiglu_combine
+
+        return fused_swiglu_combine(rows, w_gate, w_up, w_down, item_weight, items.item_row,
+                                    items.block_group, items.used_blocks, items.group_sizes)
+    x_items = expand_rows(rows, items.item_row, items.row_items)
+    y_items = grouped_swiglu(x_items, items, w_gate, w_up, w_down, backend)
+    return reduce_rows(y_items, items.row_items, items.item_row, item_weight)

@@ -1,0 +1,141 @@
+"""Occult's fused sparse expert FFN: SwiGLU experts read straight from the deduplicated receive
+buffer and pre-combined into one row per received row, forward and backward.
+
+    out[r] = Σ_{items i of row r} weight_i · SwiGLU_{e(i)}(rows[r])          [R, d]
+
+Items are (received row, local expert) pairs from ``plan.make_expert_plan(block=block_m)``.
+Nothing is materialised in item order except the hidden activations: the gate and up matmuls
+read rows through ``item_row`` (no k-expanded copy of the buffer) and the down matmul adds
+weight × output into each row's float32 accumulator (no per-item output buffer, no separate
+segment-sum). The backward reuses the same three kernels (kernels/gather_matmul.py):
+
+    g_i        = dout[row_i] @ W_down[e]ᵀ               gather_matmul (weights read as [N, K])
+    dweight_i  = ⟨g_i, h_i⟩;  dh_i = weight_i · g_i
+    dW_down[e] = Σ_i h_iᵀ · weight_i dout[row_i]        gather_tmatmul (b gathered, scaled)
+    dgate, dup = SwiGLU backward of dh
+    drows[r]   = Σ_i dgate_i W_gate[e]ᵀ + dup_i W_up[e]ᵀ matmul_scatter_add, twice
+    dW_gate[e] = Σ_i rows[row_i]ᵀ dgate_i (same for up) gather_tmatmul (a gathered)
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from kernels import platform
+from kernels.gather_matmul import GatherTiling, gather_matmul, gather_tmatmul, matmul_scatter_add
+
+INTERPRET_TILING = GatherTiling(block_m=16, block_n=32, block_k=32)  # small: fast on CPU
+
+
+def default_tiling(interpret: bool | None = None) -> GatherTiling:
+    """The tiling the fused FFN uses here (its block_m is the expert plan's block)."""
+    return INTERPRET_TILING if _interpret(interpret) else GatherTiling()
+
+
+def _interpret(interpret: bool | None) -> bool:
+    if interpret is not None:
+        return interpret
+    kind = platform.backend()
+    if kind == "cpu":
+        return True
+    if kind != "gpu":
+        raise ValueError(f"expert_matmul='fused' runs on GPUs (and interpreted on CPU), not on "
+                         f"{kind}; use expert_matmul='auto'")
+    return False
+
+
+def _silu_and_grad(gate: jax.Array) -> tuple[jax.Array, jax.Array]:
+    s = jax.nn.sigmoid(gate)
+    return gate * s, s * (1.0 + gate * (1.0 - s))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(9, 10))
+def _fused(rows, w_gate, w_up, w_down, item_weight, item_row, block_group, used_blocks,
+           group_sizes, tiling, interpret):
+    out, _ = _forward(rows, w_gate, w_up, w_down, item_weight, item_row, block_group,
+                      used_blocks, tiling, interpret)
+    return out
+
+
+def _forward(rows, w_gate, w_up, w_down, item_weight, item_row, block_group, used_blocks,
+             tiling, interpret):
+    plan = dict(item_row=item_row, block_group=block_group, used_blocks=used_blocks,
+                tiling=tiling, interpret=interpret)
+    gate = gather_matmul(rows, w_gate, **plan)
+    up = gather_matmul(rows, w_up, **plan)
+    silu, _ = _silu_and_grad(gate.astype(jnp.float32))
+    hidden = (silu * up.astype(jnp.float32)).astype(rows.dtype)
+    out = matmul_scatter_add(hidden, w_down, num_rows=rows.shape[0], scale=item_weight, **plan)
+    return out.astype(rows.dtype), (gate, up, hidden)
+
+
+def _fused_fwd(rows, w_gate, w_up, w_down, item_weight, item_row, block_group, used_blocks,
+               group_sizes, tiling, interpret):
+    out, (gate, up, hidden) = _forward(rows, w_gate, w_up, w_down, item_weight, item_row,
+                                       block_group, used_blocks, tiling, interpret)
+    # hidden is cheap to recompute; keeping gate and up matches what the unfused path saves
+    del hidden
+    return out, (rows, w_gate, w_up, w_down, item_weight, item_row, block_group, used_blocks,
+                 group_sizes, gate, up)
+
+
+def _fused_bwd(tiling, interpret, residuals, d_out):
+    (rows, w_gate, w_up, w_down, item_weight, item_row, block_group, used_blocks, group_sizes,
+     gate, up) = residuals
+    dtype = rows.dtype
+    d_out = d_out.astype(dtype)
+    plan = dict(item_row=item_row, block_group=block_group, used_blocks=used_blocks,
+                tiling=tiling, interpret=interpret)
+    groups = dict(item_row=item_row, group_sizes=group_sizes, tiling=tiling,
+                  interpret=interpret)
+
+    g = gather_matmul(d_out, w_down, transpose_w=True, out_dtype=jnp.float32, **plan)  # [M, f]
+    gate32, up32 = gate.astype(jnp.float32), up.astype(jnp.float32)
+    silu, d_silu = _silu_and_grad(gate32)
+    hidden = (silu * up32).astype(dtype)
+    d_weight = jnp.sum(g * hidden.astype(jnp.float32), axis=-1).astype(item_weight.dtype)
+    d_hidden = g * item_weight.astype(jnp.float32)[:, None]
+    d_w_down = gather_tmatmul(hidden, d_out, gather_a=False, gather_b=True,
+                              b_scale=item_weight, out_dtype=w_down.dtype, **groups)
+    d_gate = (d_hidden * up32 * d_silu).astype(dtype)
+    d_up = (d_hidden * silu).astype(dtype)
+
+    d_rows = matmul_scatter_add(d_gate, w_gate, num_rows=rows.shape[0], transpose_w=True,
+                                **plan)
+    d_rows = matmul_scatter_add(d_up, w_up, num_rows=rows.shape[0], transpose_w=True,
+                                accumulate_into=d_rows, **plan)
+    d_w_gate = gather_tmatmul(rows, d_gate, gather_a=True, gather_b=False,
+                              out_dtype=w_gate.dtype, **groups)
+    d_w_up = gather_tmatmul(rows, d_up, gather_a=True, gather_b=False, out_dtype=w_up.dtype,
+                            **groups)
+    return (d_rows.astype(dtype), d_w_gate, d_w_up, d_w_down, d_weight, None, None, None, None)
+
+
+_fused.defvjp(_fused_fwd, _fused_bwd)
+
+
+def fused_swiglu_combine(rows: jax.Array, w_gate: jax.Array, w_up: jax.Array,
+                         w_down: jax.Array, item_weight: jax.Array, item_row: jax.Array,
+                         block_group: jax.Array, used_blocks: jax.Array,
+                         group_sizes: jax.Array, *, tiling: GatherTiling | None = None,
+                         interpret: bool | None = None) -> jax.Array:
+    """rows [R, d], w_gate/w_up [G, d, f], w_down [G, f, d], per-item weights [M] and the
+    expert plan's item_row [M] / block_group / used_blocks / group_sizes → [R, d].
+
+    The plan must have been built with ``block = tiling.block_m`` (see ``default_tiling``).
+    Differentiable in rows, the three weights and item_weight.
+    """
+    interpret = _interpret(interpret)
+    tiling = tiling or default_tiling(interpret)
+    if item_row.shape[0] % tiling.block_m:
+        raise ValueError(f"fused_swiglu_combine: {item_row.shape[0]} items is not a multiple of "
+                         f"block_m={tiling.block_m}; build the plan with block=align=block_m")
+    # Inside shard_map the weights may vary over fewer mesh axes than the rows; widening them
+    # here (outside the custom VJP) lets autodiff insert the psum their gradients need.
+    w_gate, w_up, w_down = (platform.vary_like(w, rows) for w in (w_gate, w_up, w_down))
+    return _fused(rows, w_gate, w_up, w_down, item_weight, item_row.astype(jnp.int32),
+                  block_group.astype(jnp.int32), used_blocks.astype(jnp.int32),
+                  group_sizes.astype(jnp.int32), tiling, interpret)

@@ -1,0 +1,218 @@
+"""Row-gathering grouped matmuls: the pieces of Occult's fused expert FFN (Pallas, Triton on GPU).
+
+The work list is *items*: (received row, local expert) pairs laid out expert after expert, each
+expert's items padded to a multiple of ``block_m`` (``plan.make_expert_plan(block=block_m)``), so
+every block of ``block_m`` items belongs to one expert (``block_group``) and only the first
+``used_blocks`` blocks hold items. ``item_row[i]`` is item i's row in the receive buffer, -1 for
+padding. Nothing is copied into item order: rows are read through ``item_row`` and results are
+added back through it.
+
+* ``gather_matmul``:      out[i] = x[item_row[i]] @ w[g(i)]                       [M, N]
+* ``matmul_scatter_add``: out[r] += Σ_{i: item_row[i] = r} scale[i] · h[i] @ w[g(i)]  [R, N] f32
+* ``gather_tmatmul``:     dw[g] = Σ_{i in g} a_i^T · b_i, a and/or b read through item_row,
+                          b optionally scaled per item                            [G, K, N]
+
+Row gathers are per-thread pointer loads, which Mosaic GPU cannot express on Hopper (no TMA
+gather before sm_100, no single-row slices of swizzled shared memory); the deprecated Triton
+lowering can, so these kernels use it on GPUs. On CPU they run in the Pallas interpreter (tests).
+The scatter-add uses float32 atomics: a row's ≤ min(k, E/N) terms are summed in an unspecified
+order, so results may differ from run to run in the last bits.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plt
+
+from kernels import platform
+
+MIN_TILE = 16  # smallest Triton dot operand edge
+
+
+@dataclasses.dataclass(frozen=True)
+class GatherTiling:
+    block_m: int = 64  # items per block; must equal the expert plan's block
+    block_n: int = 128  # output columns per program
+    block_k: int = 64  # contraction step
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+def fit_tile(dim: int, preferred: int, what: str) -> int:
+    """Largest power of two ≤ preferred (and ≥ MIN_TILE) dividing dim."""
+    tile = preferred
+    while tile >= MIN_TILE:
+        if dim % tile == 0:
+            return tile
+        tile //= 2
+    raise ValueError(f"the fused expert kernels need {what}={dim} to be a multiple of "
+                     f"{MIN_TILE}; pad it or use expert_matmul='ragged_dot'")
+
+
+def _call(kernel, grid, out_shape, tiling: GatherTiling, interpret: bool, aliases=None):
+    params = None if interpret else plt.CompilerParams(num_warps=tiling.num_warps,
+                                                       num_stages=tiling.num_stages)
+    return pl.pallas_call(kernel, grid=grid, out_shape=out_shape, interpret=interpret,
+                          compiler_params=params, input_output_aliases=aliases or {})
+
+
+def _dot(a, b, contract_a: int = 1, contract_b: int = 0):
+    return jax.lax.dot_general(a, b, (((contract_a,), (contract_b,)), ((), ())),
+                               preferred_element_type=jnp.float32)
+
+
+def _load_rows(ref, rows, valid, cols):
+    """ref[rows[:, None], cols[None, :]], zeros where ~valid (full index arrays: interpretable)."""
+    r = jnp.broadcast_to(jnp.where(valid, rows, 0)[:, None], (rows.shape[0], cols.shape[0]))
+    c = jnp.broadcast_to(cols[None, :], r.shape)
+    return plt.load(ref.at[r, c], mask=jnp.broadcast_to(valid[:, None], r.shape), other=0)
+
+
+def _times_weight_tile(a, w_ref, g, k0, n0, bk, bn, transpose_w: bool):
+    """a [bm, bk] @ the [bk, bn] tile of w[g] at (k0, n0); w[g] is read as [N, K] when
+    transpose_w (the product then contracts its second axis: no transpose is materialised)."""
+    if transpose_w:
+        return _dot(a, w_ref[g, pl.ds(n0, bn), pl.ds(k0, bk)], contract_b=1)
+    return _dot(a, w_ref[g, pl.ds(k0, bk), pl.ds(n0, bn)])
+
+
+def _gather_matmul_kernel(item_row_ref, block_group_ref, used_ref, x_ref, w_ref, o_ref, *,
+                          tiling: GatherTiling, k_dim: int, transpose_w: bool):
+    bm, bn, bk = tiling.block_m, tiling.block_n, fit_tile(k_dim, tiling.block_k, "K")
+    i, j = pl.program_id(0), pl.program_id(1)
+    rows = item_row_ref[pl.ds(i * bm, bm)]
+    valid = rows >= 0
+    g = block_group_ref[i]
+    steps = jnp.where(i < used_ref[0], k_dim // bk, 0)
+
+    def step(s, acc):
+        a = _load_rows(x_ref, rows, valid, s * bk + jnp.arange(bk))
+        return acc + _times_weight_tile(a, w_ref, g, s * bk, j * bn, bk, bn, transpose_w)
+
+    acc = jax.lax.fori_loop(0, steps, step, jnp.zeros((bm, bn), jnp.float32))
+    o_ref[pl.ds(i * bm, bm), pl.ds(j * bn, bn)] = acc.astype(o_ref.dtype)
+
+
+def gather_matmul(x, w, item_row, block_group, used_blocks, *, transpose_w: bool = False,
+                  out_dtype=None, tiling: GatherTiling = GatherTiling(),
+                  interpret: bool = False) -> jax.Array:
+    """out[i] = x[item_row[i]] @ w[block_group[i // block_m]]; zeros for padding items and for
+    blocks past ``used_blocks``. x [R, K]; w [G, K, N] (or [G, N, K] with transpose_w)."""
+    m = item_row.shape[0]
+    k_dim = x.shape[1]
+    n = w.shape[1] if transpose_w else w.shape[2]
+    bn = fit_tile(n, tiling.block_n, "N")
+    tiling = dataclasses.replace(tiling, block_n=bn)
+    kernel = functools.partial(_gather_matmul_kernel, tiling=tiling, k_dim=k_dim,
+                               transpose_w=transpose_w)
+    operands = platform.vary_together(item_row, block_group, used_blocks.reshape(1), x, w)
+    out_type = platform.out_struct((m, n), out_dtype or x.dtype, *operands)
+    return _call(kernel, (m // tiling.block_m, n // bn), out_type, tiling, interpret)(*operands)
+
+
+def _scatter_add_kernel(item_row_ref, block_group_ref, used_ref, scale_ref, h_ref, w_ref,
+                        _, o_ref, *, tiling: GatherTiling, k_dim: int, transpose_w: bool,
+                        scaled: bool, interpret: bool):
+    bm, bn, bk = tiling.block_m, tiling.block_n, fit_tile(k_dim, tiling.block_k, "K")
+    i, j = pl.program_id(0), pl.program_id(1)
+    g = block_group_ref[i]
+
+    @pl.when(i < used_ref[0])
+    def _():
+        def step(s, acc):
+            a = h_ref[pl.ds(i * bm, bm), pl.ds(s * bk, bk)]
+            return acc + _times_weight_tile(a, w_ref, g, s * bk, j * bn, bk, bn, transpose_w)
+
+        acc = jax.lax.fori_loop(0, k_dim // bk, step, jnp.zeros((bm, bn), jnp.float32))
+        if scaled:
+            acc = acc * scale_ref[pl.ds(i * bm, bm)][:, None]
+        rows = item_row_ref[pl.ds(i * bm, bm)]
+        valid = rows >= 0
+        # Padding items go to the spare last row (the interpreter has no masked atomics).
+        r = jnp.broadcast_to(jnp.where(valid, rows, o_ref.shape[0] - 1)[:, None], (bm, bn))
+        c = jnp.broadcast_to(j * bn + jnp.arange(bn)[None, :], (bm, bn))
+        mask = None if interpret else jnp.broadcast_to(valid[:, None], (bm, bn))
+        plt.atomic_add(o_ref, (r, c), acc, mask=mask)
+
+
+def matmul_scatter_add(h, w, item_row, block_group, used_blocks, num_rows: int, *,
+                       scale=None, transpose_w: bool = False, accumulate_into=None,
+                       tiling: GatherTiling = GatherTiling(),
+                       interpret: bool = False) -> jax.Array:
+    """[num_rows, N] float32: row r gets Σ over items i with item_row[i] = r of
+    scale[i] · h[i] @ w[g(i)], added to ``accumulate_into`` (zeros if None).
+    h [M, K]; w [G, K, N] (or [G, N, K] with transpose_w)."""
+    m, k_dim = h.shape
+    n = w.shape[1] if transpose_w else w.shape[2]
+    bn = fit_tile(n, tiling.block_n, "N")
+    tiling = dataclasses.replace(tiling, block_n=bn)
+    scaled = scale is not None
+    scale = jnp.zeros((1,), jnp.float32) if scale is None else scale.astype(jnp.float32)
+    if accumulate_into is None:
+        init = jnp.zeros((num_rows + 1, n), jnp.float32)
+    else:
+        init = jnp.pad(accumulate_into.astype(jnp.float32), ((0, 1), (0, 0)))
+    kernel = functools.partial(_scatter_add_kernel, tiling=tiling, k_dim=k_dim,
+                               transpose_w=transpose_w, scaled=scaled, interpret=interpret)
+    operands = platform.vary_together(item_row, block_group, used_blocks.reshape(1), scale, h, w,
+                                      init)
+    out_type = platform.out_struct(init.shape, jnp.float32, *operands)
+    out = _call(kernel, (m // tiling.block_m, n // bn), out_type, tiling, interpret,
+                aliases={6: 0})(*operands)
+    return out[:num_rows]
+
+
+def _tmatmul_kernel(item_row_ref, first_ref, count_ref, scale_ref, a_ref, b_ref, o_ref, *,
+                    tiling: GatherTiling, gather_a: bool, gather_b: bool, scaled: bool, bk: int):
+    bm, bn = tiling.block_m, tiling.block_n
+    g, kt, nt = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    first = first_ref[g]
+
+    def step(s, acc):
+        block = first + s
+        rows = item_row_ref[pl.ds(block * bm, bm)]
+        valid = rows >= 0
+        if gather_a:
+            a = _load_rows(a_ref, rows, valid, kt * bk + jnp.arange(bk))
+        else:
+            a = a_ref[pl.ds(block * bm, bm), pl.ds(kt * bk, bk)]
+        if gather_b:
+            b = _load_rows(b_ref, rows, valid, nt * bn + jnp.arange(bn))
+        else:
+            b = b_ref[pl.ds(block * bm, bm), pl.ds(nt * bn, bn)]
+        if scaled:
+            b = (b.astype(jnp.float32) * scale_ref[pl.ds(block * bm, bm)][:, None]).astype(b.dtype)
+        return acc + _dot(a, b, contract_a=0, contract_b=0)
+
+    acc = jax.lax.fori_loop(0, count_ref[g], step, jnp.zeros((bk, bn), jnp.float32))
+    o_ref[g, pl.ds(kt * bk, bk), pl.ds(nt * bn, bn)] = acc.astype(o_ref.dtype)
+
+
+def gather_tmatmul(a, b, item_row, group_sizes, *, gather_a: bool, gather_b: bool,
+                   b_scale=None, out_dtype=None, tiling: GatherTiling = GatherTiling(),
+                   interpret: bool = False) -> jax.Array:
+    """dw[g] = Σ_{items i of g} a_i^T · (b_scale[i] · b_i) → [G, K, N].
+
+    a_i is a[item_row[i]] when gather_a (a [R, K]) else a[i] (a [M, K]); likewise b. Padding
+    items contribute zeros. ``group_sizes`` [G] are the plan's padded sizes (multiples of
+    block_m)."""
+    bm = tiling.block_m
+    k_dim, n = a.shape[1], b.shape[1]
+    bk = fit_tile(k_dim, tiling.block_k, "K")
+    bn = fit_tile(n, tiling.block_n, "N")
+    tiling = dataclasses.replace(tiling, block_n=bn)
+    blocks = (group_sizes // bm).astype(jnp.int32)
+    first = (jnp.cumsum(blocks) - blocks).astype(jnp.int32)
+    scaled = b_scale is not None
+    scale = jnp.zeros((1,), jnp.float32) if b_scale is None else b_scale.astype(jnp.float32)
+    kernel = functools.partial(_tmatmul_kernel, tiling=tiling, gather_a=gather_a,
+                               gather_b=gather_b, scaled=scaled, bk=bk)
+    groups = group_sizes.shape[0]
+    operands = platform.vary_together(item_row, first, blocks, scale, a, b)
+    out_type = platform.out_struct((groups, k_dim, n), out_dtype or a.dtype, *operands)
+    return _call(kernel, (groups, k_dim // bk, n // bn), out_type, tiling, interpret)(*operands)

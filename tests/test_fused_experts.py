@@ -1,0 +1,200 @@
+"""Occult's fused expert FFN (kernels/fused_experts.py, kernels/gather_matmul.py) in the Pallas
+interpreter, against float64 NumPy and `jax.grad` of a dense float32 reference.
+
+Plans are fresh random draws each run: rows with padding pairs, an expert nobody chose, all
+items on one expert, an empty buffer. The interpreter fills unwritten output with NaN, so an
+output element a kernel forgot fails the comparison.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import mesh_or_skip
+from flax import nnx
+
+import occult_jax as oj
+from kernels import gather_matmul as gm
+from kernels.fused_experts import default_tiling, fused_swiglu_combine
+from occult_jax.plan import make_expert_plan
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+TILING = gm.GatherTiling(block_m=16, block_n=16, block_k=16)
+ON_CPU = jax.default_backend() == "cpu"
+TOL = 1e-5 if ON_CPU else 5e-3  # GPU: float32 products may run as TF32
+
+
+def random_slots(rng, rows, pairs, experts, case):
+    """Received (row, pair) → local expert: distinct experts per row, -1 for empty pairs."""
+    slot = np.stack([rng.permutation(experts)[:pairs] for _ in range(rows)])
+    if case == "random":
+        slot[slot == experts - 1] = -1  # one expert never chosen
+        slot[rng.random((rows, pairs)) < 0.3] = -1
+    elif case == "one_expert":
+        slot[:] = -1
+        slot[:, 0] = 1
+    elif case == "empty":
+        slot[:] = -1
+    return slot.astype(np.int32)
+
+
+def plan_arrays(slot, experts, block):
+    plan = make_expert_plan(jnp.asarray(slot), experts, block, block)
+    item_row = np.asarray(plan.item_row)
+    group = np.repeat(np.asarray(plan.block_group), block)
+    group = np.where(np.arange(item_row.shape[0]) < int(plan.used_blocks) * block, group, -1)
+    return plan, item_row, group
+
+
+CASES = ["random", "one_expert", "empty"]
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("transpose_w", [False, True])
+def test_gather_matmul(case, transpose_w):
+    rng = np.random.default_rng()
+    rows, pairs, experts, k, n = 41, 3, 4, 32, 48
+    slot = random_slots(rng, rows, pairs, experts, case)
+    plan, item_row, group = plan_arrays(slot, experts, TILING.block_m)
+    x = rng.standard_normal((rows, k)).astype(np.float32)
+    w = rng.standard_normal((experts, k, n)).astype(np.float32)
+    w_arg = np.swapaxes(w, 1, 2).copy() if transpose_w else w
+    got = np.asarray(gm.gather_matmul(jnp.asarray(x), jnp.asarray(w_arg), plan.item_row,
+                                      plan.block_group, plan.used_blocks,
+                                      transpose_w=transpose_w, tiling=TILING, interpret=True))
+    want = np.zeros((item_row.shape[0], n))
+    for i in np.nonzero(item_row >= 0)[0]:
+        want[i] = x[item_row[i]].astype(np.float64) @ w[group[i]]
+    assert not np.isnan(got).any(), "unwritten output rows"
+    np.testing.assert_allclose(got, want, rtol=TOL, atol=TOL)
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("transpose_w", [False, True])
+def test_matmul_scatter_add(case, transpose_w):
+    rng = np.random.default_rng()
+    rows, pairs, experts, k, n = 37, 2, 3, 48, 32
+    slot = random_slots(rng, rows, pairs, experts, case)
+    plan, item_row, group = plan_arrays(slot, experts, TILING.block_m)
+    m = item_row.shape[0]
+    h = rng.standard_normal((m, k)).astype(np.float32)
+    w = rng.standard_normal((experts, k, n)).astype(np.float32)
+    scale = rng.standard_normal(m).astype(np.float32)
+    start = rng.standard_normal((rows, n)).astype(np.float32)
+    w_arg = np.swapaxes(w, 1, 2).copy() if transpose_w else w
+    got = np.asarray(gm.matmul_scatter_add(
+        jnp.asarray(h), jnp.asarray(w_arg), plan.item_row, plan.block_group, plan.used_blocks,
+        rows, scale=jnp.asarray(scale), transpose_w=transpose_w,
+        accumulate_into=jnp.asarray(start), tiling=TILING, interpret=True))
+    want = start.astype(np.float64)
+    for i in np.nonzero(item_row >= 0)[0]:
+        want[item_row[i]] += scale[i] * (h[i].astype(np.float64) @ w[group[i]])
+    np.testing.assert_allclose(got, want, rtol=TOL, atol=TOL)
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("gather", ["a", "b"])
+def test_gather_tmatmul(case, gather):
+    rng = np.random.default_rng()
+    rows, pairs, experts, k, n = 29, 3, 4, 32, 16
+    slot = random_slots(rng, rows, pairs, experts, case)
+    plan, item_row, group = plan_arrays(slot, experts, TILING.block_m)
+    m = item_row.shape[0]
+    a = rng.standard_normal((rows if gather == "a" else m, k)).astype(np.float32)
+    b = rng.standard_normal((rows if gather == "b" else m, n)).astype(np.float32)
+    scale = rng.standard_normal(m).astype(np.float32)
+    got = np.asarray(gm.gather_tmatmul(
+        jnp.asarray(a), jnp.asarray(b), plan.item_row, plan.group_sizes,
+        gather_a=gather == "a", gather_b=gather == "b", b_scale=jnp.asarray(scale),
+        tiling=TILING, interpret=True))
+    want = np.zeros((experts, k, n))
+    for i in np.nonzero(item_row >= 0)[0]:
+        a_i = a[item_row[i]] if gather == "a" else a[i]
+        b_i = b[item_row[i]] if gather == "b" else b[i]
+        want[group[i]] += np.outer(a_i.astype(np.float64), scale[i] * b_i)
+    assert not np.isnan(got).any()
+    np.testing.assert_allclose(got, want, rtol=TOL, atol=TOL)
+
+
+def dense_reference(rows, slot, slot_weight, w_gate, w_up, w_down):
+    """Every (row, pair) through its expert, weighted and summed; float32 at HIGHEST."""
+    with jax.default_matmul_precision("highest"):
+        e = jnp.maximum(slot, 0)
+        gate = jnp.einsum("rd,rpdf->rpf", rows, w_gate[e])
+        up = jnp.einsum("rd,rpdf->rpf", rows, w_up[e])
+        out = jnp.einsum("rpf,rpfd->rpd", jax.nn.silu(gate) * up, w_down[e])
+        weight = jnp.where(slot >= 0, slot_weight, 0.0)
+        return jnp.einsum("rp,rpd->rd", weight, out)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_fused_swiglu_combine_values_and_gradients(case):
+    rng = np.random.default_rng()
+    rows, pairs, experts, d, f = 45, 3, 4, 32, 48
+    slot = random_slots(rng, rows, pairs, experts, case)
+    tiling = default_tiling(interpret=True)
+    plan = make_expert_plan(jnp.asarray(slot), experts, tiling.block_m, tiling.block_m)
+    args = [jnp.asarray(rng.standard_normal(s), jnp.float32) * scale for s, scale in [
+        ((rows, d), 1.0), ((rows, pairs), 1.0), ((experts, d, f), d ** -0.5),
+        ((experts, d, f), d ** -0.5), ((experts, f, d), f ** -0.5)]]
+    cot = jnp.asarray(rng.standard_normal((rows, d)), jnp.float32)
+    item_pair = plan.item_pair
+
+    def fused(x, slot_weight, w_gate, w_up, w_down):
+        w_items = jnp.where(item_pair >= 0,
+                            jnp.take(slot_weight.reshape(-1), jnp.maximum(item_pair, 0)), 0.0)
+        return fused_swiglu_combine(x, w_gate, w_up, w_down, w_items, plan.item_row,
+                                    plan.block_group, plan.used_blocks, plan.group_sizes,
+                                    interpret=True)
+
+    def reference(*a):
+        return dense_reference(a[0], jnp.asarray(slot), *a[1:])
+
+    got, got_vjp = jax.vjp(jax.jit(fused), *args)
+    want, want_vjp = jax.vjp(reference, *args)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-5)
+    names = ["rows", "weights", "w_gate", "w_up", "w_down"]
+    for name, g, w in zip(names, got_vjp(cot), want_vjp(cot), strict=True):
+        w = np.asarray(w)
+        np.testing.assert_allclose(np.asarray(g), w, rtol=1e-4,
+                                   atol=1e-5 * max(1.0, float(np.abs(w).max())), err_msg=name)
+    if case != "random":
+        return
+    never = experts - 1  # the expert nobody chose gets exactly zero weight gradient
+    for g in got_vjp(cot)[2:]:
+        assert np.all(np.asarray(g)[never] == 0.0)
+
+
+@pytest.mark.parametrize("dispatch", ["standard", "occult"])
+def test_layer_fused_matches_reference(dispatch):
+    """expert_matmul='fused' on a 4 × 2 mesh: the reference layer's outputs and gradients."""
+    mesh = mesh_or_skip(4, 2)
+    cfg = oj.MoEConfig(num_experts=16, top_k=4, d_model=32, d_ff=48, dispatch=dispatch,
+                       expert_matmul="fused")
+    rng = np.random.default_rng()
+    x = jnp.asarray(rng.standard_normal((2, 32, 32)), jnp.float32)
+    cot = jnp.asarray(rng.standard_normal(x.shape), jnp.float32)
+    fused = oj.MoELayer(cfg, mesh=mesh, rngs=nnx.Rngs(7))
+    reference = oj.MoELayer(cfg.replace(dispatch="reference"), mesh=mesh, rngs=nnx.Rngs(7))
+
+    def loss(layer, x):
+        y, stats = layer(x)
+        return jnp.sum(y * cot) + 0.1 * stats["aux_loss"]
+
+    with jax.default_matmul_precision("highest"):
+        np.testing.assert_allclose(np.asarray(fused(x)[0]), np.asarray(reference(x)[0]),
+                                   rtol=1e-4, atol=1e-5)
+        g_fused = nnx.grad(loss, argnums=(0, 1))(fused, x)
+        g_ref = nnx.grad(loss, argnums=(0, 1))(reference, x)
+    for a, b in zip(jax.tree.leaves(g_fused), jax.tree.leaves(g_ref), strict=True):
+        b = np.asarray(b)
+        np.testing.assert_allclose(np.asarray(a), b, rtol=1e-4,
+                                   atol=1e-5 * max(1.0, float(np.abs(b).max())))
+
+
+def test_fused_config_errors():
+    with pytest.raises(ValueError, match="multiples of 16"):
+        oj.MoEConfig(d_model=24, expert_matmul="fused")
+    cfg = oj.MoEConfig(expert_matmul="fused", dispatch="occult")
+    with pytest.raises(ValueError, match="runs on GPUs"):
+        oj.config.validate_for_mesh(cfg, ("expert",), 2, 2, 8, platform="tpu")
