@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import json
 import os
 import shutil
@@ -36,7 +37,8 @@ def parse_args(argv=None):
     p.add_argument("--transports", default="dense,ragged")
     p.add_argument("--passes", default="fwd,fwd+bwd", help="'' = no timing (C_T, wire bytes only)")
     p.add_argument("--dtype", default="bfloat16")
-    p.add_argument("--expert-matmul", default="auto")
+    p.add_argument("--expert-matmul", default="auto",
+                   help="comma list of MoEConfig.expert_matmul values (e.g. pallas,fused)")
     p.add_argument("--capacity-factor", type=float, default=None)
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--devices", type=int, default=None, help="expert-axis size (default: all)")
@@ -106,8 +108,7 @@ def main(argv=None):
             d, f, shared_f = args.width, args.width, args.width if shared_f else 0
         base_cfg = oj.MoEConfig(num_experts=e, top_k=k, d_model=d, d_ff=f,
                                 num_shared_experts=shared, shared_d_ff=shared_f or None,
-                                dtype=args.dtype, expert_matmul=args.expert_matmul,
-                                capacity_factor=args.capacity_factor)
+                                dtype=args.dtype, capacity_factor=args.capacity_factor)
         router = np.asarray(oj.MoELayer(base_cfg, mesh=mesh, rngs=nnx.Rngs(0)).router[...])
         x = np.random.default_rng(1).standard_normal((n * args.tokens, d)).astype(np.float32)
         if args.planted:
@@ -119,22 +120,23 @@ def main(argv=None):
         first = {}  # per cap: outputs must agree across placements, modes and transports
         for placement, slots in slot_maps.items():
             for cap in args.caps.split(","):
-                for mode in args.modes.split(","):
-                    for transport in args.transports.split(","):
-                        cfg = base_cfg.replace(
-                            dispatch=mode, transport=transport,
-                            max_devices_per_token=None if cap == "none" else int(cap))
-                        layer = oj.MoELayer(cfg, mesh=mesh, rngs=nnx.Rngs(0))
-                        layer.router[...] = jnp.asarray(router)
-                        if slots is not None:
-                            (state,) = oj.apply_placement(nnx.state(layer), {(): slots})
-                            nnx.update(layer, state)
-                        row, y = measure(layer, x, cot, args, timed, mesh)
-                        first.setdefault(cap, y)
-                        row.update(shape=shape, placement=placement, cap=cap,
-                                   max_diff=float(np.abs(y - first[cap]).max()))
-                        rows.append(row)
-                        print(json.dumps(row), flush=True)
+                for mode, transport, matmul in itertools.product(
+                        args.modes.split(","), args.transports.split(","),
+                        args.expert_matmul.split(",")):
+                    cfg = base_cfg.replace(
+                        dispatch=mode, transport=transport, expert_matmul=matmul,
+                        max_devices_per_token=None if cap == "none" else int(cap))
+                    layer = oj.MoELayer(cfg, mesh=mesh, rngs=nnx.Rngs(0))
+                    layer.router[...] = jnp.asarray(router)
+                    if slots is not None:
+                        (state,) = oj.apply_placement(nnx.state(layer), {(): slots})
+                        nnx.update(layer, state)
+                    row, y = measure(layer, x, cot, args, timed, mesh)
+                    first.setdefault(cap, y)
+                    row.update(shape=shape, placement=placement, cap=cap,
+                               max_diff=float(np.abs(y - first[cap]).max()))
+                    rows.append(row)
+                    print(json.dumps(row), flush=True)
     print_table(rows, [p for p in args.passes.split(",") if p])
     if args.out:
         with open(args.out, "w") as fh:
@@ -191,7 +193,8 @@ def measure(layer, x, cot, args, timed, mesh):
     step = jax.jit(jax.grad(loss, argnums=(0, 1)))
     y, stats = fwd(params, x)
     cfg = layer.cfg
-    row = {"mode": cfg.dispatch, "transport": cfg.transport, "ct": float(stats["ct"]),
+    row = {"mode": cfg.dispatch, "transport": cfg.transport, "matmul": cfg.expert_matmul,
+           "ct": float(stats["ct"]),
            "wire_MB": float(stats["wire_bytes"]) / 1e6, "dropped": int(stats["dropped"]),
            "wire_rows_per_token": float(stats["wire_rows"]) / x.shape[0]}
     for name in [p for p in args.passes.split(",") if p]:
@@ -212,7 +215,8 @@ def measure(layer, x, cot, args, timed, mesh):
 
 def print_table(rows, passes):
     base = {}
-    head = (f"{'shape':9} {'place':8} {'cap':4} {'mode':9} {'transport':9} {'C_T':>5} "
+    head = (f"{'shape':9} {'place':8} {'cap':4} {'mode':9} {'transport':9} {'matmul':10} "
+            f"{'C_T':>5} "
             f"{'wire MB':>9} {'drop':>6} "
             f"{'max|Δy|':>8} " + " ".join(f"{p + ' ms':>11} {'×':>5}" for p in passes))
     print("\n" + head + "\n" + "-" * len(head))
@@ -222,7 +226,8 @@ def print_table(rows, passes):
         cells = " ".join(f"{r[p + '_ms']:11.2f} {base[key][p + '_ms'] / r[p + '_ms']:5.2f}"
                          for p in passes)
         print(f"{r['shape']:9} {r['placement']:8} {r['cap']:4} {r['mode']:9} "
-              f"{r['transport']:9} {r['ct']:5.2f} {r['wire_MB']:9.1f} {r['dropped']:6d} "
+              f"{r['transport']:9} {r.get('matmul', 'auto'):10} {r['ct']:5.2f} "
+              f"{r['wire_MB']:9.1f} {r['dropped']:6d} "
               f"{r['max_diff']:8.1e} {cells}"
               + (f"  exchange-only fwd {r['exchange_only_fwd_ms']:.2f} ms"
                  if "exchange_only_fwd_ms" in r else ""))

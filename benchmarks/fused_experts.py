@@ -1,0 +1,185 @@
+"""Occult's expert compute on one device: the fused kernels vs gather + grouped matmuls +
+weighted segment-sum done separately, forward and forward+backward.
+
+  python benchmarks/fused_experts.py --shapes olmoe,deepseek --devices 2,4 --tokens 16384
+
+The input is one device's deduplicated receive buffer in an N-device layer: N blocks of
+`--tokens` rows, each token routed top-k uniformly over E experts; a row exists for every token
+with a chosen expert on this device and lists those experts (min(k, E/N) pairs). Variants share
+inputs and must agree:
+
+  fused            kernels/fused_experts.py (rows read through the item index, pre-combine in
+                   the down matmul's epilogue); --sweep tries a few tilings, the best counts
+  <expert_matmul>  dispatch.compute_experts with that backend: expand_rows → 3 grouped matmuls
+                   → reduce_rows (e.g. pallas, blocked, ragged_dot)
+
+Times are wall-clock medians of --iters synchronised calls after two warm-ups. --smoke runs a
+tiny shape (works on CPU: the fused kernels run in the Pallas interpreter there).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import itertools
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+SHAPES = {"olmoe": (64, 8, 2048, 1024), "qwen": (60, 4, 2048, 1408),
+          "deepseek": (64, 6, 2048, 1408), "tiny": (8, 2, 64, 32)}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--shapes", default="olmoe,deepseek")
+    p.add_argument("--devices", default="2,4", help="expert-parallel sizes N to simulate")
+    p.add_argument("--tokens", type=int, default=16384, help="tokens per source device")
+    p.add_argument("--separate", default="pallas,blocked",
+                   help="expert_matmul backends for the unfused path")
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--sweep", action="store_true", help="try a few fused tilings")
+    p.add_argument("--smoke", action="store_true", help="tiny shape, 2 iterations (CPU check)")
+    p.add_argument("--out", default=None)
+    return p.parse_args(argv)
+
+
+def receive_buffer(rng, experts, top_k, devices, tokens):
+    """slot_expert [N·tokens, pairs] of device 0 (-1 = empty) and the mean C_T."""
+    local = experts // devices
+    pairs = min(top_k, local)
+    chosen = np.argsort(rng.random((devices * tokens, experts)), axis=1)[:, :top_k]
+    mine = np.sort(np.where(chosen < local, chosen, experts), axis=1)[:, :pairs]
+    slot = np.where(mine < experts, mine, -1).astype(np.int32)
+    ct = np.mean([len(set(row // local)) for row in chosen[:4096]])
+    return slot, float(ct)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    import jax
+
+    from kernels.fused_experts import default_tiling
+    from kernels.gather_matmul import GatherTiling
+
+    if args.smoke:
+        args.shapes, args.devices, args.tokens, args.iters = "tiny", "2", 64, 2
+        args.separate = "ragged_dot"
+    on_cpu = jax.default_backend() == "cpu"
+
+    def timed(fn, *a):
+        for _ in range(2):
+            jax.block_until_ready(fn(*a))
+        times = []
+        for _ in range(args.iters):
+            t0 = time.perf_counter()
+            jax.block_until_ready(fn(*a))
+            times.append(time.perf_counter() - t0)
+        return 1e3 * float(np.median(times))
+
+    tilings = [default_tiling()]
+    if args.sweep and not on_cpu:
+        tilings += [GatherTiling(bm, bn, bk, w, s) for bm, bn, bk, w, s in itertools.product(
+            (64, 128), (64, 128), (32, 64), (4, 8), (3, 4))]
+        tilings = list(dict.fromkeys(tilings))
+
+    print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}; {args.dtype}", flush=True)
+    rows = []
+    for shape, n in itertools.product(args.shapes.split(","), map(int, args.devices.split(","))):
+        rows.extend(bench_case(shape, n, tilings, timed, args))
+
+    print(f"\n{'shape':9} {'N':>2} {'C_T':>5} {'items':>8} {'impl':11} {'fwd ms':>8} "
+          f"{'fwd+bwd ms':>10} {'fwd TFLOP/s':>11} {'fused ×':>8}  config")
+    for r in rows:
+        fused_row = next((o for o in rows if o["shape"] == r["shape"]
+                          and o["devices"] == r["devices"] and o["impl"] == "fused"), None)
+        speed = (f"{r['fwd_bwd_ms'] / fused_row['fwd_bwd_ms']:8.2f}" if fused_row
+                 else f"{'-':>8}")
+        print(f"{r['shape']:9} {r['devices']:2d} {r['ct']:5.2f} {r['items']:8d} {r['impl']:11} "
+              f"{r['fwd_ms']:8.2f} {r['fwd_bwd_ms']:10.2f} {r['fwd_tflops']:11.0f} {speed}  "
+              f"{r['config']}")
+    print("fused × = this row's fwd+bwd time / fused's (> 1: fused is faster)")
+    if args.out:
+        with open(args.out, "w") as fh:
+            json.dump({"jax": jax.__version__, "device": jax.devices()[0].device_kind,
+                       "rows": rows}, fh, indent=1)
+
+
+def bench_case(shape: str, n: int, tilings, timed, args) -> list[dict]:
+    """Every variant at one (shape, N): the best row of each implementation."""
+    import jax
+    import jax.numpy as jnp
+
+    from kernels.fused_experts import fused_swiglu_combine
+    from occult_jax.dispatch import ExpertWeights, compute_experts
+    from occult_jax.plan import make_expert_plan
+
+    dtype = jnp.dtype(args.dtype)
+    e, k, d, f = SHAPES[shape]
+    rng = np.random.default_rng(0)
+    slot_np, ct = receive_buffer(rng, e, k, n, args.tokens)
+    local = e // n
+    keys = jax.random.split(jax.random.key(0), 6)
+    x = jax.random.normal(keys[0], (slot_np.shape[0], d), dtype)
+    slot = jnp.asarray(slot_np)
+    slot_weight = jax.random.uniform(keys[1], slot.shape, jnp.float32)
+    shapes = [(local, d, f), (local, d, f), (local, f, d)]
+    w = [(jax.random.normal(kk, s, jnp.float32) * s[1] ** -0.5).astype(dtype)
+         for kk, s in zip(keys[2:5], shapes, strict=True)]
+    weights = ExpertWeights(jnp.zeros((d, e)), *w, jnp.zeros((e, e)))
+    cot = jax.random.normal(keys[5], x.shape, dtype)
+    items = int((slot_np >= 0).sum())
+    flops = 3 * 2 * items * d * f  # three matmuls over the (row, expert) items
+
+    def separate(backend):
+        return lambda x, sw, ws: compute_experts(x, slot, sw, ws, backend)
+
+    def fused(tiling):
+        def fn(x, sw, ws):
+            plan = make_expert_plan(slot, local, tiling.block_m, tiling.block_m)
+            w_items = jnp.where(plan.item_pair >= 0, jnp.take(
+                sw.reshape(-1), jnp.maximum(plan.item_pair, 0)), 0.0)
+            return fused_swiglu_combine(x, ws.w_gate, ws.w_up, ws.w_down, w_items,
+                                        plan.item_row, plan.block_group, plan.used_blocks,
+                                        plan.group_sizes, tiling=tiling)
+        return fn
+
+    def loss(fn, x, sw, ws):
+        return jnp.sum(fn(x, sw, ws).astype(jnp.float32) * cot)
+
+    variants = [(b, "", separate(b)) for b in args.separate.split(",")]
+    variants += [("fused", f"bm{t.block_m} bn{t.block_n} bk{t.block_k} w{t.num_warps} "
+                  f"s{t.num_stages}", fused(t)) for t in tilings]
+    want, best = None, {}
+    for name, label, fn in variants:
+        fwd = jax.jit(fn)
+        step = jax.jit(jax.grad(functools.partial(loss, fn), argnums=(0, 1, 2)))
+        try:
+            y = np.asarray(fwd(x, slot_weight, weights), np.float32)
+            fwd_ms = timed(fwd, x, slot_weight, weights)
+            bwd_ms = timed(step, x, slot_weight, weights)
+        except Exception as err:  # a tiling may not compile: report it, keep going
+            print(f"  {shape} N={n} {name} {label}: {type(err).__name__}: {str(err)[:160]}",
+                  file=sys.stderr)
+            continue
+        want = y if want is None else want
+        diff = float(np.abs(y - want).max() / max(np.abs(want).max(), 1e-9))
+        row = {"shape": shape, "devices": n, "ct": ct, "rows": int(x.shape[0]),
+               "items": items, "impl": name, "config": label, "fwd_ms": fwd_ms,
+               "fwd_bwd_ms": bwd_ms, "fwd_tflops": flops / fwd_ms / 1e9, "rel_diff": diff}
+        print(json.dumps(row), file=sys.stderr, flush=True)
+        if diff > 2e-2:
+            print(f"  WRONG RESULT {shape} N={n} {name} {label}", file=sys.stderr)
+            continue
+        if name not in best or bwd_ms < best[name]["fwd_bwd_ms"]:
+            best[name] = row
+    return list(best.values())
+
+
+if __name__ == "__main__":
+    main()
