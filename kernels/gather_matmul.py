@@ -70,7 +70,8 @@ def _load_rows(ref, rows, valid, cols):
     """ref[rows[:, None], cols[None, :]], zeros where ~valid (full index arrays: interpretable)."""
     r = jnp.broadcast_to(jnp.where(valid, rows, 0)[:, None], (rows.shape[0], cols.shape[0]))
     c = jnp.broadcast_to(cols[None, :], r.shape)
-    return plt.load(ref.at[r, c], mask=jnp.broadcast_to(valid[:, None], r.shape), other=0)
+    return plt.load(ref.at[r, c], mask=jnp.broadcast_to(valid[:, None], r.shape),
+                    other=jnp.zeros((), ref.dtype))
 
 
 def _times_weight_tile(a, w_ref, g, k0, n0, bk, bn, transpose_w: bool):
