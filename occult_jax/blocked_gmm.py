@@ -18,16 +18,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-
-def _varying_like(value, *refs):
-    """Give a fresh loop carry the manual-axis variance of its inputs (inside shard_map).
-
-    Adding an empty sum (exactly 0, never NaN) carries each ref's variance over, on every JAX
-    version, without naming the version-specific type attribute.
-    """
-    for ref in refs:
-        value = value + jnp.sum(ref[:0]).astype(value.dtype)
-    return value
+from kernels.platform import vary_like
 
 
 def _loop_chunks(num_used, block, chunk, body, init):
@@ -55,7 +46,7 @@ def _matmul_blocks(x, w, block_group, num_used, block, chunk, transpose_w):
         return jax.lax.dynamic_update_slice_in_dim(
             out, yb.reshape(block * chunk, n).astype(out.dtype), start, axis=0)
 
-    init = _varying_like(jnp.zeros((rows, n), x.dtype), x, w, block_group)
+    init = vary_like(jnp.zeros((rows, n), x.dtype), x, w, block_group)
     return _loop_chunks(num_used, block, chunk, body, init)
 
 
@@ -66,7 +57,7 @@ def _weight_grad(x, dy, block_group, num_used, block, chunk, groups):
         parts = jnp.einsum("sbk,sbn->skn", xb, gb, preferred_element_type=jnp.float32)
         return dw.at[jax.lax.dynamic_slice_in_dim(block_group, first_block, chunk)].add(parts)
 
-    init = _varying_like(jnp.zeros((groups, x.shape[1], dy.shape[1]), jnp.float32), x, dy,
+    init = vary_like(jnp.zeros((groups, x.shape[1], dy.shape[1]), jnp.float32), x, dy,
                          block_group)
     return _loop_chunks(num_used, block, chunk, body, init)
 
@@ -77,7 +68,7 @@ def blocked_gmm(x: jax.Array, w: jax.Array, block_group: jax.Array, num_used: ja
     block_group[b], and rows past the first `num_used` blocks come out as zeros."""
     # Inside shard_map the weights may vary over fewer mesh axes than the rows; widening them
     # here (outside the custom VJP) lets autodiff insert the psum their gradient needs.
-    return _blocked_gmm(x, _varying_like(w, x), block_group, num_used, block, chunk)
+    return _blocked_gmm(x, vary_like(w, x), block_group, num_used, block, chunk)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
