@@ -15,7 +15,9 @@ Synchronisation (global semaphores, no NVLink multicast):
    writing into it — so a peer's output buffer belongs to this very call when it is written.
 2. *done*: after its stores have completed, every block signals every peer; block 0 of each
    device waits for all of them, so no device finishes before all rows have landed in it.
-Counts are clamped to [0, C]: no copy ever leaves its block.
+Counts are clamped to [0, C] inside the kernel, so no copy ever leaves its block; and unless
+told otherwise ``exchange_rows`` checks the counts first (``check_counts``) and raises at run
+time when they are out of bounds or disagree between sender and receiver.
 """
 
 from __future__ import annotations
@@ -148,17 +150,54 @@ def _kernel(send_ref, recv_ref, src_ref, out_ref, *, axis_name: str, num_devices
         pl.semaphore_wait(done, (n - 1) * blocks)
 
 
+class CountMismatchError(ValueError):
+    """Send and receive counts of an exchange are inconsistent or outside the buffers."""
+
+
+def _raise_on_bad_counts(mismatch, out_of_bounds, device, send_counts, recv_counts, expected,
+                         capacity):
+    where = (f"exchange_rows on device {int(device)}: send_counts {send_counts.tolist()}, "
+             f"recv_counts {recv_counts.tolist()}")
+    if out_of_bounds:
+        raise CountMismatchError(f"{where}: a count is outside the block bounds [0, {capacity}]"
+                                 "; count at most C rows per peer block")
+    if mismatch:
+        raise CountMismatchError(f"{where}: the peers send {expected.tolist()}, not what "
+                                 "recv_counts says; derive recv_counts with an all_to_all of "
+                                 "send_counts (transport.exchange_counts)")
+
+
+def check_counts(send_counts: jax.Array, recv_counts: jax.Array, *, axis_name: str,
+                 capacity: int) -> None:
+    """Inside shard_map: raise CountMismatchError at run time unless every count lies in
+    [0, capacity] and recv_counts[p] equals what peer p sends this device (one small
+    all_to_all and a host callback; the kernel itself only clamps)."""
+    send = send_counts.astype(jnp.int32)
+    recv = recv_counts.astype(jnp.int32)
+    expected = jax.lax.all_to_all(send, axis_name, 0, 0, tiled=True)
+    out_of_bounds = jnp.any((send < 0) | (send > capacity) | (recv < 0) | (recv > capacity))
+    jax.debug.callback(functools.partial(_raise_on_bad_counts, capacity=capacity),
+                       jnp.any(expected != recv), out_of_bounds, jax.lax.axis_index(axis_name),
+                       send, recv, expected)
+
+
 def exchange_rows(words: jax.Array, send_counts: jax.Array, recv_counts: jax.Array, *,
-                  axis_name: str, num_devices: int,
-                  tiling: ExchangeTiling | None = None) -> jax.Array:
+                  axis_name: str, num_devices: int, tiling: ExchangeTiling | None = None,
+                  validate: bool = True) -> jax.Array:
     """Inside shard_map over ``axis_name``: block p of ``words`` [N*C, W] uint32 (its first
-    ``send_counts[p]`` rows) to device p; returns [N*C, W], rows past ``recv_counts`` zero."""
+    ``send_counts[p]`` rows) to device p; returns [N*C, W], rows past ``recv_counts`` zero.
+
+    ``validate``: check the counts (``check_counts``) and raise at run time if they disagree;
+    callers that derive recv_counts from send_counts in the same program may skip it."""
     if words.dtype != jnp.uint32 or words.ndim != 2:
         raise ValueError(f"exchange_rows moves [rows, words] uint32; got {words.dtype} "
                          f"{words.shape}")
     rows, width = words.shape
     if rows % num_devices:
         raise ValueError(f"exchange_rows: {rows} rows do not split into {num_devices} blocks")
+    if validate:
+        check_counts(send_counts, recv_counts, axis_name=axis_name,
+                     capacity=rows // num_devices)
     tiling = tiling or exchange_tiling(width)
     lines_per_row = width // tiling.line_words
     cap_lines = rows // num_devices * lines_per_row

@@ -162,3 +162,36 @@ def test_exchange_kernel_lowers_for_cuda():
     for fn in (moved, jax.grad(loss)):
         exported = export.export(jax.jit(fn), platforms=["cuda"], disabled_checks=checks)(*args)
         assert len(re.findall(r"custom_call @mosaic_gpu\w*\(", exported.mlir_module())) == 1
+
+
+def test_mismatched_or_out_of_bounds_counts_raise():
+    """exchange_rows' count check (runs before the kernel; plain JAX, so also on CPU): counts
+    derived by an all_to_all pass, a receiver expecting a different count or a count past the
+    buffer raises at run time."""
+    from kernels.nvlink_exchange import check_counts
+
+    mesh = mesh_or_skip(4)
+    capacity = 16
+    rng = np.random.default_rng()
+
+    def run(send, recv):
+        def local(s, r):
+            check_counts(s, r, axis_name="expert", capacity=capacity)
+            return s
+
+        fn = jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(P("expert"), P("expert")),
+                                   out_specs=P("expert")))
+        sharded = NamedSharding(mesh, P("expert"))
+        return jax.block_until_ready(fn(jax.device_put(jnp.asarray(send), sharded),
+                                        jax.device_put(jnp.asarray(recv), sharded)))
+
+    send = rng.integers(0, capacity + 1, (4, 4)).astype(np.int32)  # [sender, receiver]
+    run(send.reshape(-1), send.T.reshape(-1))  # receiver q expects send[p, q] from p
+    wrong = send.T.copy()
+    wrong[2, 1] = (wrong[2, 1] + 1) % (capacity + 1)  # still in bounds, but not what is sent
+    with pytest.raises(Exception, match="the peers send"):
+        run(send.reshape(-1), wrong.reshape(-1))
+    over = send.copy()
+    over[1, 3] = capacity + 1
+    with pytest.raises(Exception, match="outside the block bounds"):
+        run(over.reshape(-1), over.T.reshape(-1))
