@@ -4,10 +4,11 @@ buffer and pre-combined into one row per received row, forward and backward.
     out[r] = Σ_{items i of row r} weight_i · SwiGLU_{e(i)}(rows[r])          [R, d]
 
 Items are (received row, local expert) pairs from ``plan.make_expert_plan(block=block_m)``.
-Nothing is materialised in item order except the hidden activations: the gate and up matmuls
-read rows through ``item_row`` (no k-expanded copy of the buffer) and the down matmul adds
-weight × output into each row's float32 accumulator (no per-item output buffer, no separate
-segment-sum). The backward reuses the same three kernels (kernels/gather_matmul.py):
+Nothing is materialised in item order except the hidden activations: one kernel reads each
+row tile through ``item_row`` (no k-expanded copy of the buffer) for both the gate and the up
+product and writes silu(gate) · up, and the down matmul adds weight × output into each row's
+float32 accumulator (no per-item output buffer, no separate segment-sum). The backward uses the
+kernels of kernels/gather_matmul.py:
 
     g_i        = dout[row_i] @ W_down[e]ᵀ               gather_matmul (weights read as [N, K])
     dweight_i  = ⟨g_i, h_i⟩;  dh_i = weight_i · g_i
@@ -25,7 +26,13 @@ import jax
 import jax.numpy as jnp
 
 from kernels import platform
-from kernels.gather_matmul import GatherTiling, gather_matmul, gather_tmatmul, matmul_scatter_add
+from kernels.gather_matmul import (
+    GatherTiling,
+    gather_matmul,
+    gather_swiglu,
+    gather_tmatmul,
+    matmul_scatter_add,
+)
 
 INTERPRET_TILING = GatherTiling(block_m=16, block_n=32, block_k=32)  # small: fast on CPU
 
@@ -61,23 +68,20 @@ def _fused(rows, w_gate, w_up, w_down, item_weight, item_row, block_group, used_
 
 
 def _forward(rows, w_gate, w_up, w_down, item_weight, item_row, block_group, used_blocks,
-             tiling, interpret):
+             tiling, interpret, save_preactivations=False):
     plan = dict(item_row=item_row, block_group=block_group, used_blocks=used_blocks,
                 tiling=tiling, interpret=interpret)
-    gate = gather_matmul(rows, w_gate, **plan)
-    up = gather_matmul(rows, w_up, **plan)
-    silu, _ = _silu_and_grad(gate.astype(jnp.float32))
-    hidden = (silu * up.astype(jnp.float32)).astype(rows.dtype)
+    hidden, *preactivations = gather_swiglu(rows, w_gate, w_up,
+                                            save_preactivations=save_preactivations, **plan)
     out = matmul_scatter_add(hidden, w_down, num_rows=rows.shape[0], scale=item_weight, **plan)
-    return out.astype(rows.dtype), (gate, up, hidden)
+    return out.astype(rows.dtype), preactivations
 
 
 def _fused_fwd(rows, w_gate, w_up, w_down, item_weight, item_row, block_group, used_blocks,
                group_sizes, tiling, interpret):
-    out, (gate, up, hidden) = _forward(rows, w_gate, w_up, w_down, item_weight, item_row,
-                                       block_group, used_blocks, tiling, interpret)
-    # hidden is cheap to recompute; keeping gate and up matches what the unfused path saves
-    del hidden
+    out, (gate, up) = _forward(rows, w_gate, w_up, w_down, item_weight, item_row, block_group,
+                               used_blocks, tiling, interpret, save_preactivations=True)
+    # gate and up, as the unfused path keeps; the hidden activations are recomputed from them
     return out, (rows, w_gate, w_up, w_down, item_weight, item_row, block_group, used_blocks,
                  group_sizes, gate, up)
 

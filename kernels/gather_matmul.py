@@ -8,6 +8,8 @@ padding. Nothing is copied into item order: rows are read through ``item_row`` a
 added back through it.
 
 * ``gather_matmul``:      out[i] = x[item_row[i]] @ w[g(i)]                       [M, N]
+* ``gather_swiglu``:      silu(x_i @ w_gate[g]) · (x_i @ w_up[g]) with x_i = x[item_row[i]],
+                          one gather for both products                          [M, N]
 * ``matmul_scatter_add``: out[r] += Σ_{i: item_row[i] = r} scale[i] · h[i] @ w[g(i)]  [R, N] f32
 * ``gather_tmatmul``:     dw[g] = Σ_{i in g} a_i^T · b_i, a and/or b read through item_row,
                           b optionally scaled per item                            [G, K, N]
@@ -114,6 +116,48 @@ def gather_matmul(x, w, item_row, block_group, used_blocks, *, transpose_w: bool
     operands = platform.vary_together(item_row, block_group, used_blocks.reshape(1), x, w)
     out_type = platform.out_struct((m, n), out_dtype or x.dtype, *operands)
     return _call(kernel, (m // tiling.block_m, n // bn), out_type, tiling, interpret)(*operands)
+
+
+def _gather_swiglu_kernel(item_row_ref, block_group_ref, used_ref, x_ref, wg_ref, wu_ref,
+                          *out_refs, tiling: GatherTiling, k_dim: int):
+    bm, bn, bk = tiling.block_m, tiling.block_n, fit_tile(k_dim, tiling.block_k, "K")
+    i, j = pl.program_id(0), pl.program_id(1)
+    rows = item_row_ref[pl.ds(i * bm, bm)]
+    valid = rows >= 0
+    g = block_group_ref[i]
+    steps = jnp.where(i < used_ref[0], k_dim // bk, 0)
+
+    def step(s, accs):
+        a = _load_rows(x_ref, rows, valid, s * bk + jnp.arange(bk))  # one gather, two products
+        return (accs[0] + _times_weight_tile(a, wg_ref, g, s * bk, j * bn, bk, bn, False),
+                accs[1] + _times_weight_tile(a, wu_ref, g, s * bk, j * bn, bk, bn, False))
+
+    zeros = jnp.zeros((bm, bn), jnp.float32)
+    gate, up = jax.lax.fori_loop(0, steps, step, (zeros, zeros))
+    tile = (pl.ds(i * bm, bm), pl.ds(j * bn, bn))
+    hidden_ref = out_refs[0]
+    hidden_ref[tile] = (gate * jax.nn.sigmoid(gate) * up).astype(hidden_ref.dtype)
+    if len(out_refs) == 3:  # the pre-activations, for the backward
+        out_refs[1][tile] = gate.astype(out_refs[1].dtype)
+        out_refs[2][tile] = up.astype(out_refs[2].dtype)
+
+
+def gather_swiglu(x, w_gate, w_up, item_row, block_group, used_blocks, *,
+                  save_preactivations: bool = False, tiling: GatherTiling = GatherTiling(),
+                  interpret: bool = False) -> tuple[jax.Array, ...]:
+    """hidden[i] = silu(x[item_row[i]] @ w_gate[g]) · (x[item_row[i]] @ w_up[g]), both products
+    from one gathered tile; returns (hidden,) or, with save_preactivations, (hidden, gate, up).
+    x [R, K]; w_gate, w_up [G, K, N]; outputs [M, N] in x's dtype (zeros for padding items)."""
+    m, (k_dim, n) = item_row.shape[0], w_gate.shape[1:]
+    bn = fit_tile(n, tiling.block_n, "N")
+    tiling = dataclasses.replace(tiling, block_n=bn)
+    kernel = functools.partial(_gather_swiglu_kernel, tiling=tiling, k_dim=k_dim)
+    operands = platform.vary_together(item_row, block_group, used_blocks.reshape(1), x, w_gate,
+                                      w_up)
+    out_type = platform.out_struct((m, n), x.dtype, *operands)
+    outs = 3 if save_preactivations else 1
+    return tuple(_call(kernel, (m // tiling.block_m, n // bn), (out_type,) * outs, tiling,
+                       interpret)(*operands))
 
 
 def _scatter_add_kernel(item_row_ref, block_group_ref, used_ref, scale_ref, h_ref, w_ref,
