@@ -29,19 +29,25 @@ def num_sms(interpret: bool) -> int:
     return int(getattr(jax.devices()[0], "core_count", 132) or 132)
 
 
-def vary_like(value: jax.Array, *refs: jax.Array) -> jax.Array:
-    """Give a Pallas call's output the shard_map variance of its operands (a no-op outside).
+def varying_axes(x: jax.Array) -> frozenset:
+    """The shard_map axes x varies over (empty outside shard_map)."""
+    aval = jax.typeof(x)
+    mat = getattr(aval, "manual_axis_type", None)  # JAX >= 0.9
+    if mat is not None:
+        return frozenset(mat.varying)
+    return frozenset(getattr(aval, "vma", ()))  # pragma: no cover - older JAX
 
-    Pallas outputs carry no manual-axis variance. ``jax.lax.pcast`` marks them varying without
-    touching the data; JAX versions without it fall back to adding the operands' empty sums
-    (exactly 0), which costs one elementwise pass unless XLA folds it.
+
+def vary_like(value: jax.Array, *refs: jax.Array) -> jax.Array:
+    """Give a value the shard_map variance of its operands (a no-op outside shard_map).
+
+    Pallas outputs and fresh constants carry no manual-axis variance. ``jax.lax.pcast`` marks
+    them varying without touching the data (its transpose is the psum a gradient needs); JAX
+    versions without it fall back to adding the operands' empty sums (exactly 0), which costs
+    one elementwise pass unless XLA folds it.
     """
-    try:
-        have = set(jax.typeof(value).vma)
-        want = set().union(*(set(jax.typeof(r).vma) for r in refs))
-    except AttributeError:  # pragma: no cover - JAX without vma types
-        return _add_empty_sums(value, refs)
-    missing = tuple(sorted(want - have))
+    want = frozenset().union(*(varying_axes(r) for r in refs))
+    missing = tuple(sorted(want - varying_axes(value)))
     if not missing:
         return value
     if hasattr(jax.lax, "pcast"):
@@ -58,12 +64,10 @@ def vary_together(*arrays: jax.Array) -> tuple[jax.Array, ...]:
 def out_struct(shape: tuple[int, ...], dtype, *operands: jax.Array) -> jax.ShapeDtypeStruct:
     """A pallas_call output type that varies over the mesh axes its operands vary over (inside
     shard_map, where the call's output types must say so); a plain struct elsewhere."""
-    try:
-        varying = frozenset().union(
-            *(jax.typeof(o).manual_axis_type.varying for o in operands))
-        mat = jax.sharding.ManualAxisType(varying=varying)
-    except AttributeError:  # pragma: no cover - JAX without manual axis types
+    varying = frozenset().union(*(varying_axes(o) for o in operands))
+    if not hasattr(jax.sharding, "ManualAxisType"):  # pragma: no cover - older JAX
         return jax.ShapeDtypeStruct(shape, dtype)
+    mat = jax.sharding.ManualAxisType(varying=varying)
     return jax.ShapeDtypeStruct(shape, dtype, manual_axis_type=mat)
 
 

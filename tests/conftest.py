@@ -18,3 +18,18 @@ def mesh_or_skip(expert: int, data: int = 1):
         pytest.skip(f"mesh expert={expert} × data={data} needs {expert * data} devices; "
                     f"{jax.device_count()} present")
     return oj.make_mesh(expert=expert, data=data)
+
+
+def cuda_module_text(fn, args, custom_call_targets) -> str:
+    """StableHLO text of jit(fn) exported for CUDA from this machine (no GPU needed), with the
+    kernels' custom calls allowed; skips where this JAX needs a GPU to lower Pallas kernels."""
+    from jax import export
+
+    checks = [export.DisabledSafetyCheck.custom_call(t) for t in custom_call_targets]
+    try:
+        exported = export.export(jax.jit(fn), platforms=["cuda"], disabled_checks=checks)(*args)
+    except RuntimeError as err:  # JAX 0.11 asks the local device for the GPU's capability
+        if "No supported GPU devices" in str(err):
+            pytest.skip(f"this JAX cannot lower GPU kernels without a GPU: {err}")
+        raise
+    return exported.mlir_module()

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import mesh_or_skip
+from conftest import cuda_module_text, mesh_or_skip
 from flax import nnx
 
 import occult_jax as oj
@@ -228,8 +228,6 @@ def test_fused_config_errors():
 def test_fused_kernels_lower_to_triton_for_cuda():
     """The compiled (not interpreted) path lowers to Triton IR on any machine: the forward is
     two Triton kernels, the gradient seven (the forward's unused output kernel is dropped)."""
-    from jax import export
-
     rows, pairs, experts, d, f = 256, 4, 8, 256, 512
     slot = jnp.asarray(random_slots(np.random.default_rng(), rows, pairs, experts, "random"))
     tiling = gm.GatherTiling()
@@ -250,7 +248,5 @@ def test_fused_kernels_lower_to_triton_for_cuda():
         ((rows, d), bf16), ((experts, d, f), bf16), ((experts, d, f), bf16),
         ((experts, f, d), bf16), ((rows, pairs), jnp.float32)]]
     target = "__gpu$xla.gpu.triton"
-    checks = [export.DisabledSafetyCheck.custom_call(target)]
     for fn, kernels in [(forward, 2), (jax.grad(loss, argnums=(0, 1, 2, 3, 4)), 7)]:
-        exported = export.export(jax.jit(fn), platforms=["cuda"], disabled_checks=checks)(*args)
-        assert exported.mlir_module().count(f"@{target}(") == kernels
+        assert cuda_module_text(fn, args, [target]).count(f"@{target}(") == kernels

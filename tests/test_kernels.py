@@ -136,7 +136,7 @@ def test_compiled_kernels_lower_for_cuda():
     one Mosaic GPU kernel, the gradient of its sum two (transposed gmm, tgmm)."""
     import re
 
-    from jax import export
+    from conftest import cuda_module_text
 
     bf16 = jnp.bfloat16
     m, k, n, g = 1024, 256, 512, 8
@@ -149,8 +149,28 @@ def test_compiled_kernels_lower_for_cuda():
 
     args = [jax.ShapeDtypeStruct((m, k), bf16), jax.ShapeDtypeStruct((g, k, n), bf16),
             jax.ShapeDtypeStruct((g,), jnp.int32)]
-    checks = [export.DisabledSafetyCheck.custom_call(t) for t in ("mosaic_gpu", "mosaic_gpu_v2")]
     for fn, kernels in [(forward, 1), (jax.grad(loss, argnums=(0, 1)), 2)]:
-        exported = export.export(jax.jit(fn), platforms=["cuda"], disabled_checks=checks)(*args)
-        calls = re.findall(r"custom_call @(mosaic_gpu\w*)\(", exported.mlir_module())
+        text = cuda_module_text(fn, args, ["mosaic_gpu", "mosaic_gpu_v2"])
+        calls = re.findall(r"custom_call @(mosaic_gpu\w*)\(", text)
         assert len(calls) == kernels, calls
+
+
+def test_vary_like_marks_variance_without_arithmetic():
+    """Kernel outputs get their operands' shard_map variance by a cast, not by adding sums."""
+    from conftest import mesh_or_skip
+    from jax.sharding import PartitionSpec as P
+
+    from kernels import platform
+
+    mesh = mesh_or_skip(2)
+
+    def local(x):
+        fresh = jnp.zeros(x.shape, x.dtype)
+        marked = platform.vary_like(fresh, x)
+        assert platform.varying_axes(fresh) == frozenset()
+        assert platform.varying_axes(marked) == platform.varying_axes(x) == {"expert"}
+        return x * marked
+
+    fn = jax.shard_map(local, mesh=mesh, in_specs=P("expert"), out_specs=P("expert"))
+    text = str(jax.make_jaxpr(fn)(jnp.ones(8)))
+    assert "reduce_sum" not in text

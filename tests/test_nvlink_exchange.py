@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import mesh_or_skip
+from conftest import cuda_module_text, mesh_or_skip
 from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -137,8 +137,6 @@ def test_exchange_kernel_lowers_for_cuda():
     backward (one Mosaic GPU kernel each) — a guard for API drift between GPU sessions."""
     import re
 
-    from jax import export
-
     from occult_jax.transport import exchange
 
     mesh = mesh_or_skip(2)
@@ -158,10 +156,9 @@ def test_exchange_kernel_lowers_for_cuda():
     sharded = NamedSharding(mesh, P("expert"))
     args = [jax.ShapeDtypeStruct((4 * capacity, width), jnp.bfloat16, sharding=sharded),
             jax.ShapeDtypeStruct((4,), jnp.int32, sharding=sharded)]
-    checks = [export.DisabledSafetyCheck.custom_call(t) for t in ("mosaic_gpu", "mosaic_gpu_v2")]
     for fn in (moved, jax.grad(loss)):
-        exported = export.export(jax.jit(fn), platforms=["cuda"], disabled_checks=checks)(*args)
-        assert len(re.findall(r"custom_call @mosaic_gpu\w*\(", exported.mlir_module())) == 1
+        text = cuda_module_text(fn, args, ["mosaic_gpu", "mosaic_gpu_v2"])
+        assert len(re.findall(r"custom_call @mosaic_gpu\w*\(", text)) == 1
 
 
 def test_mismatched_or_out_of_bounds_counts_raise():
