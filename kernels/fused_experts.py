@@ -14,7 +14,7 @@ kernels of kernels/gather_matmul.py:
     dweight_i  = ⟨g_i, h_i⟩;  dh_i = weight_i · g_i
     dW_down[e] = Σ_i h_iᵀ · weight_i dout[row_i]        gather_tmatmul (b gathered, scaled)
     dgate, dup = SwiGLU backward of dh
-    drows[r]   = Σ_i dgate_i W_gate[e]ᵀ + dup_i W_up[e]ᵀ matmul_scatter_add, twice
+    drows[r]   = Σ_i dgate_i W_gate[e]ᵀ + dup_i W_up[e]ᵀ matmul_scatter_add (both terms)
     dW_gate[e] = Σ_i rows[row_i]ᵀ dgate_i (same for up) gather_tmatmul (a gathered)
 """
 
@@ -73,7 +73,8 @@ def _forward(rows, w_gate, w_up, w_down, item_weight, item_row, block_group, use
                 tiling=tiling, interpret=interpret)
     hidden, *preactivations = gather_swiglu(rows, w_gate, w_up,
                                             save_preactivations=save_preactivations, **plan)
-    out = matmul_scatter_add(hidden, w_down, num_rows=rows.shape[0], scale=item_weight, **plan)
+    out = matmul_scatter_add((hidden,), (w_down,), num_rows=rows.shape[0], scale=item_weight,
+                             **plan)
     return out.astype(rows.dtype), preactivations
 
 
@@ -107,10 +108,8 @@ def _fused_bwd(tiling, interpret, residuals, d_out):
     d_gate = (d_hidden * up32 * d_silu).astype(dtype)
     d_up = (d_hidden * silu).astype(dtype)
 
-    d_rows = matmul_scatter_add(d_gate, w_gate, num_rows=rows.shape[0], transpose_w=True,
-                                **plan)
-    d_rows = matmul_scatter_add(d_up, w_up, num_rows=rows.shape[0], transpose_w=True,
-                                accumulate_into=d_rows, **plan)
+    d_rows = matmul_scatter_add((d_gate, d_up), (w_gate, w_up), num_rows=rows.shape[0],
+                                transpose_w=True, **plan)
     d_w_gate = gather_tmatmul(rows, d_gate, gather_a=True, gather_b=False,
                               out_dtype=w_gate.dtype, **groups)
     d_w_up = gather_tmatmul(rows, d_up, gather_a=True, gather_b=False, out_dtype=w_up.dtype,
@@ -132,6 +131,12 @@ def fused_swiglu_combine(rows: jax.Array, w_gate: jax.Array, w_up: jax.Array,
     The plan must have been built with ``block = tiling.block_m`` (see ``default_tiling``).
     Differentiable in rows, the three weights and item_weight.
     """
+    dtypes = {jnp.dtype(a.dtype) for a in (rows, w_gate, w_up, w_down)}
+    if len(dtypes) != 1:
+        got = sorted(map(str, dtypes))
+        raise ValueError(f"fused_swiglu_combine: rows and weights must share one dtype (the "
+                         f"Triton products take equal operand types); got {got}; cast the "
+                         "weights to rows.dtype")
     interpret = _interpret(interpret)
     tiling = tiling or default_tiling(interpret)
     if item_row.shape[0] % tiling.block_m:

@@ -10,7 +10,8 @@ added back through it.
 * ``gather_matmul``:      out[i] = x[item_row[i]] @ w[g(i)]                       [M, N]
 * ``gather_swiglu``:      silu(x_i @ w_gate[g]) · (x_i @ w_up[g]) with x_i = x[item_row[i]],
                           one gather for both products                          [M, N]
-* ``matmul_scatter_add``: out[r] += Σ_{i: item_row[i] = r} scale[i] · h[i] @ w[g(i)]  [R, N] f32
+* ``matmul_scatter_add``: out[r] = Σ_{i: item_row[i] = r} scale[i] · Σ_t h_t[i] @ w_t[g(i)]
+                                                                              [R, N] f32
 * ``gather_tmatmul``:     dw[g] = Σ_{i in g} a_i^T · b_i, a and/or b read through item_row,
                           b optionally scaled per item                            [G, K, N]
 
@@ -43,6 +44,16 @@ class GatherTiling:
     block_k: int = 64  # contraction step
     num_warps: int = 4
     num_stages: int = 3
+
+    def __post_init__(self):
+        for name in ("block_m", "block_n", "block_k"):
+            value = getattr(self, name)
+            if value < MIN_TILE or value & (value - 1):
+                raise ValueError(f"GatherTiling.{name}={value} must be a power of two >= "
+                                 f"{MIN_TILE} (Triton block shapes)")
+        if self.num_warps < 1 or self.num_warps & (self.num_warps - 1) or self.num_stages < 1:
+            raise ValueError(f"GatherTiling: num_warps={self.num_warps} must be a power of two "
+                             f"and num_stages={self.num_stages} >= 1")
 
 
 def fit_tile(dim: int, preferred: int, what: str) -> int:
@@ -136,6 +147,10 @@ def _gather_swiglu_kernel(item_row_ref, block_group_ref, used_ref, x_ref, wg_ref
     gate, up = jax.lax.fori_loop(0, steps, step, (zeros, zeros))
     tile = (pl.ds(i * bm, bm), pl.ds(j * bn, bn))
     hidden_ref = out_refs[0]
+    # from the pre-activations as stored, so the backward (which recomputes hidden from them)
+    # differentiates exactly the function the forward evaluated
+    gate = gate.astype(hidden_ref.dtype).astype(jnp.float32)
+    up = up.astype(hidden_ref.dtype).astype(jnp.float32)
     hidden_ref[tile] = (gate * jax.nn.sigmoid(gate) * up).astype(hidden_ref.dtype)
     if len(out_refs) == 3:  # the pre-activations, for the backward
         out_refs[1][tile] = gate.astype(out_refs[1].dtype)
@@ -160,9 +175,10 @@ def gather_swiglu(x, w_gate, w_up, item_row, block_group, used_blocks, *,
                        interpret)(*operands))
 
 
-def _scatter_add_kernel(item_row_ref, block_group_ref, used_ref, scale_ref, h_ref, w_ref,
-                        _, o_ref, *, tiling: GatherTiling, k_dim: int, transpose_w: bool,
+def _scatter_add_kernel(item_row_ref, block_group_ref, used_ref, scale_ref, *refs,
+                        tiling: GatherTiling, k_dim: int, terms: int, transpose_w: bool,
                         scaled: bool, interpret: bool):
+    h_refs, w_refs, o_ref = refs[:terms], refs[terms:2 * terms], refs[-1]  # refs[-2]: aliased
     bm, bn, bk = tiling.block_m, tiling.block_n, fit_tile(k_dim, tiling.block_k, "K")
     i, j = pl.program_id(0), pl.program_id(1)
     g = block_group_ref[i]
@@ -170,46 +186,46 @@ def _scatter_add_kernel(item_row_ref, block_group_ref, used_ref, scale_ref, h_re
     @pl.when(i < used_ref[0])
     def _():
         def step(s, acc):
-            a = h_ref[pl.ds(i * bm, bm), pl.ds(s * bk, bk)]
-            return acc + _times_weight_tile(a, w_ref, g, s * bk, j * bn, bk, bn, transpose_w)
+            for h_ref, w_ref in zip(h_refs, w_refs, strict=True):
+                a = h_ref[pl.ds(i * bm, bm), pl.ds(s * bk, bk)]
+                acc = acc + _times_weight_tile(a, w_ref, g, s * bk, j * bn, bk, bn, transpose_w)
+            return acc
 
         acc = jax.lax.fori_loop(0, k_dim // bk, step, jnp.zeros((bm, bn), jnp.float32))
         if scaled:
             acc = acc * scale_ref[pl.ds(i * bm, bm)][:, None]
         rows = item_row_ref[pl.ds(i * bm, bm)]
         valid = rows >= 0
-        # Padding items go to the spare last row (the interpreter has no masked atomics).
+        # The interpreter has no masked atomics: there padding items add into a spare last row.
         r = jnp.broadcast_to(jnp.where(valid, rows, o_ref.shape[0] - 1)[:, None], (bm, bn))
         c = jnp.broadcast_to(j * bn + jnp.arange(bn)[None, :], (bm, bn))
         mask = None if interpret else jnp.broadcast_to(valid[:, None], (bm, bn))
         plt.atomic_add(o_ref, (r, c), acc, mask=mask)
 
 
-def matmul_scatter_add(h, w, item_row, block_group, used_blocks, num_rows: int, *,
-                       scale=None, transpose_w: bool = False, accumulate_into=None,
+def matmul_scatter_add(hs, ws, item_row, block_group, used_blocks, num_rows: int, *,
+                       scale=None, transpose_w: bool = False,
                        tiling: GatherTiling = GatherTiling(),
                        interpret: bool = False) -> jax.Array:
     """[num_rows, N] float32: row r gets Σ over items i with item_row[i] = r of
-    scale[i] · h[i] @ w[g(i)], added to ``accumulate_into`` (zeros if None).
-    h [M, K]; w [G, K, N] (or [G, N, K] with transpose_w)."""
-    m, k_dim = h.shape
-    n = w.shape[1] if transpose_w else w.shape[2]
+    scale[i] · Σ_t hs[t][i] @ ws[t][g(i)] — one accumulator and one atomic pass for all terms.
+    hs: [M, K] arrays; ws: [G, K, N] arrays (or [G, N, K] with transpose_w)."""
+    hs, ws = tuple(hs), tuple(ws)
+    m, k_dim = hs[0].shape
+    n = ws[0].shape[1] if transpose_w else ws[0].shape[2]
     bn = fit_tile(n, tiling.block_n, "N")
     tiling = dataclasses.replace(tiling, block_n=bn)
     scaled = scale is not None
     scale = jnp.zeros((1,), jnp.float32) if scale is None else scale.astype(jnp.float32)
-    if accumulate_into is None:
-        init = jnp.zeros((num_rows + 1, n), jnp.float32)
-    else:
-        init = jnp.pad(accumulate_into.astype(jnp.float32), ((0, 1), (0, 0)))
-    kernel = functools.partial(_scatter_add_kernel, tiling=tiling, k_dim=k_dim,
+    init = jnp.zeros((num_rows + (1 if interpret else 0), n), jnp.float32)
+    kernel = functools.partial(_scatter_add_kernel, tiling=tiling, k_dim=k_dim, terms=len(hs),
                                transpose_w=transpose_w, scaled=scaled, interpret=interpret)
-    operands = platform.vary_together(item_row, block_group, used_blocks.reshape(1), scale, h, w,
-                                      init)
+    operands = platform.vary_together(item_row, block_group, used_blocks.reshape(1), scale, *hs,
+                                      *ws, init)
     out_type = platform.out_struct(init.shape, jnp.float32, *operands)
     out = _call(kernel, (m // tiling.block_m, n // bn), out_type, tiling, interpret,
-                aliases={6: 0})(*operands)
-    return out[:num_rows]
+                aliases={len(operands) - 1: 0})(*operands)
+    return out[:num_rows] if interpret else out
 
 
 def _tmatmul_kernel(item_row_ref, first_ref, count_ref, scale_ref, a_ref, b_ref, o_ref, *,

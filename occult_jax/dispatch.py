@@ -88,8 +88,8 @@ def expert_parallel_moe(x: jax.Array, weights: ExpertWeights, expert_slot: jax.A
 
     me = jax.lax.axis_index(axis)
     off_device = jnp.sum(plan.send_counts) - plan.send_counts[me]
-    bytes_per_row = (row_bytes((send_rows, plan.slot_weight, plan.slot_expert))
-                     + row_bytes((out_rows,)))
+    bytes_per_row = (row_bytes((send_rows, plan.slot_weight, plan.slot_expert), cfg.transport)
+                     + row_bytes((out_rows,), cfg.transport))
     if cfg.transport == "dense":
         wire_bytes = jnp.asarray((n - 1) * layout.capacity * bytes_per_row, jnp.float32)
     else:

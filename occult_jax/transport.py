@@ -102,9 +102,15 @@ def _exchange_arrays(arrays, kind, axis_name, send_counts, recv_counts) -> list[
     return out
 
 
-def row_bytes(arrays) -> int:
-    """Bytes one packed row occupies on the wire."""
-    return 4 * sum(_word_count(a) for a in arrays)
+def row_bytes(arrays, kind: str = "dense") -> int:
+    """Bytes one row of these arrays occupies on the wire with transport `kind` (its messages'
+    padding included)."""
+    multiple = _row_multiple(kind)
+    total = 0
+    for group in messages(arrays):
+        words = sum(_word_count(arrays[i]) for i in group)
+        total += -(-words // multiple) * multiple
+    return 4 * total
 
 
 # --- the collectives ---------------------------------------------------------------------------

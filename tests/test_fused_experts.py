@@ -96,24 +96,26 @@ def test_gather_swiglu(case):
 
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("transpose_w", [False, True])
-def test_matmul_scatter_add(case, transpose_w):
+@pytest.mark.parametrize("terms", [1, 2])
+def test_matmul_scatter_add(case, transpose_w, terms):
     rng = np.random.default_rng()
     rows, pairs, experts, k, n = 37, 2, 3, 48, 32
     slot = random_slots(rng, rows, pairs, experts, case)
     plan, item_row, group = plan_arrays(slot, experts, TILING.block_m)
     m = item_row.shape[0]
-    h = rng.standard_normal((m, k)).astype(np.float32)
-    w = rng.standard_normal((experts, k, n)).astype(np.float32)
+    hs = [rng.standard_normal((m, k)).astype(np.float32) for _ in range(terms)]
+    ws = [rng.standard_normal((experts, k, n)).astype(np.float32) for _ in range(terms)]
     scale = rng.standard_normal(m).astype(np.float32)
-    start = rng.standard_normal((rows, n)).astype(np.float32)
-    w_arg = np.swapaxes(w, 1, 2).copy() if transpose_w else w
+    w_args = [np.swapaxes(w, 1, 2).copy() if transpose_w else w for w in ws]
     got = np.asarray(gm.matmul_scatter_add(
-        jnp.asarray(h), jnp.asarray(w_arg), plan.item_row, plan.block_group, plan.used_blocks,
-        rows, scale=jnp.asarray(scale), transpose_w=transpose_w,
-        accumulate_into=jnp.asarray(start), tiling=TILING, interpret=True))
-    want = start.astype(np.float64)
+        [jnp.asarray(h) for h in hs], [jnp.asarray(w) for w in w_args], plan.item_row,
+        plan.block_group, plan.used_blocks, rows, scale=jnp.asarray(scale),
+        transpose_w=transpose_w, tiling=TILING, interpret=True))
+    want = np.zeros((rows, n))
     for i in np.nonzero(item_row >= 0)[0]:
-        want[item_row[i]] += scale[i] * (h[i].astype(np.float64) @ w[group[i]])
+        for h, w in zip(hs, ws, strict=True):
+            want[item_row[i]] += scale[i] * (h[i].astype(np.float64) @ w[group[i]])
+    assert got.shape == (rows, n)
     np.testing.assert_allclose(got, want, rtol=TOL, atol=TOL)
 
 
@@ -217,6 +219,17 @@ def test_layer_fused_matches_reference(dispatch):
                                    atol=1e-5 * max(1.0, float(np.abs(b).max())))
 
 
+def test_fused_argument_errors():
+    with pytest.raises(ValueError, match="power of two"):
+        gm.GatherTiling(block_n=96)
+    x = jnp.ones((4, 32), jnp.bfloat16)
+    w = jnp.ones((2, 32, 32), jnp.float32)
+    with pytest.raises(ValueError, match="share one dtype"):
+        fused_swiglu_combine(x, w, w, w, jnp.ones(16), jnp.zeros(16, jnp.int32),
+                             jnp.zeros(1, jnp.int32), jnp.ones((), jnp.int32),
+                             jnp.asarray([16, 0]), interpret=True)
+
+
 def test_fused_config_errors():
     with pytest.raises(ValueError, match="multiples of 16"):
         oj.MoEConfig(d_model=24, expert_matmul="fused")
@@ -227,7 +240,8 @@ def test_fused_config_errors():
 
 def test_fused_kernels_lower_to_triton_for_cuda():
     """The compiled (not interpreted) path lowers to Triton IR on any machine: the forward is
-    two Triton kernels, the gradient seven (the forward's unused output kernel is dropped)."""
+    two Triton kernels, the gradient six (the forward's unused output kernel is dropped; one
+    scatter kernel sums both input-gradient terms)."""
     rows, pairs, experts, d, f = 256, 4, 8, 256, 512
     slot = jnp.asarray(random_slots(np.random.default_rng(), rows, pairs, experts, "random"))
     tiling = gm.GatherTiling()
@@ -248,5 +262,5 @@ def test_fused_kernels_lower_to_triton_for_cuda():
         ((rows, d), bf16), ((experts, d, f), bf16), ((experts, d, f), bf16),
         ((experts, f, d), bf16), ((rows, pairs), jnp.float32)]]
     target = "__gpu$xla.gpu.triton"
-    for fn, kernels in [(forward, 2), (jax.grad(loss, argnums=(0, 1, 2, 3, 4)), 7)]:
+    for fn, kernels in [(forward, 2), (jax.grad(loss, argnums=(0, 1, 2, 3, 4)), 6)]:
         assert cuda_module_text(fn, args, [target]).count(f"@{target}(") == kernels

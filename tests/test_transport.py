@@ -89,3 +89,18 @@ def test_exchange_moves_blocks_and_gradients(kind, n):
             # backward: the cotangent of what dst received from src flows back to src
             np.testing.assert_array_equal(gx[src, dst * cap: dst * cap + c],
                                           cot[dst, src * cap: src * cap + c])
+
+
+def test_messages_and_wire_bytes():
+    """Wide rows travel alone, narrow arrays share one message; wire bytes count each message's
+    padding (the pallas transport moves whole 16-byte units)."""
+    from occult_jax.transport import WIDE_WORDS, messages, row_bytes
+
+    rows = jax.ShapeDtypeStruct((8, 2 * WIDE_WORDS + 6), jnp.bfloat16)  # WIDE_WORDS + 3 words
+    weight = jax.ShapeDtypeStruct((8, 3), jnp.float32)
+    expert = jax.ShapeDtypeStruct((8, 3), jnp.int32)
+    narrow = jax.ShapeDtypeStruct((8, 2 * WIDE_WORDS - 2), jnp.bfloat16)  # one word short
+    assert messages([rows, weight, expert]) == [[0], [1, 2]]
+    assert messages([narrow, weight]) == [[0, 1]]
+    assert row_bytes([rows, weight, expert], "dense") == 4 * (WIDE_WORDS + 3 + 6)
+    assert row_bytes([rows, weight, expert], "pallas") == 4 * ((WIDE_WORDS + 4) + 8)
