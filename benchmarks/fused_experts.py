@@ -25,7 +25,6 @@ import itertools
 import json
 import os
 import sys
-import time
 
 import numpy as np
 
@@ -72,15 +71,10 @@ def main(argv=None):
         args.separate = "ragged_dot"
     on_cpu = jax.default_backend() == "cpu"
 
+    from timing import median_ms
+
     def timed(fn, *a):
-        for _ in range(2):
-            jax.block_until_ready(fn(*a))
-        times = []
-        for _ in range(args.iters):
-            t0 = time.perf_counter()
-            jax.block_until_ready(fn(*a))
-            times.append(time.perf_counter() - t0)
-        return 1e3 * float(np.median(times))
+        return median_ms(fn, *a, iters=args.iters)
 
     tilings = [default_tiling()]
     if args.sweep and not on_cpu:

@@ -17,7 +17,6 @@ import json
 import os
 import shutil
 import sys
-import time
 
 import numpy as np
 
@@ -86,15 +85,10 @@ def main(argv=None):
     experts.BLOCKED_ROWS = args.blocked_rows or experts.BLOCKED_ROWS
     experts.BLOCKED_CHUNK = args.blocked_chunk or experts.BLOCKED_CHUNK
 
+    from timing import median_ms
+
     def timed(fn, *a):
-        jax.block_until_ready(fn(*a))
-        jax.block_until_ready(fn(*a))
-        times = []
-        for _ in range(args.iters):
-            t0 = time.perf_counter()
-            jax.block_until_ready(fn(*a))
-            times.append(time.perf_counter() - t0)
-        return 1e3 * float(np.median(times))
+        return median_ms(fn, *a, iters=args.iters)
 
     n = args.devices or jax.device_count()
     mesh = oj.make_mesh(expert=n, data=1)

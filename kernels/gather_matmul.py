@@ -95,8 +95,11 @@ def _times_weight_tile(a, w_ref, g, k0, n0, bk, bn, transpose_w: bool):
     return _dot(a, w_ref[g, pl.ds(k0, bk), pl.ds(n0, bn)])
 
 
-def _gather_matmul_kernel(item_row_ref, block_group_ref, used_ref, x_ref, w_ref, o_ref, *,
-                          tiling: GatherTiling, k_dim: int, transpose_w: bool):
+def _gathered_products(item_row_ref, block_group_ref, used_ref, x_ref, w_refs, *,
+                       tiling: GatherTiling, k_dim: int, transpose_w: bool):
+    """This program's tile: its block's rows read through item_row, times each weight's
+    column tile (one gather serves every product); float32 [bm, bn] each, and the tile's
+    (rows, cols) slices. Zeros past used_blocks."""
     bm, bn, bk = tiling.block_m, tiling.block_n, fit_tile(k_dim, tiling.block_k, "K")
     i, j = pl.program_id(0), pl.program_id(1)
     rows = item_row_ref[pl.ds(i * bm, bm)]
@@ -104,12 +107,21 @@ def _gather_matmul_kernel(item_row_ref, block_group_ref, used_ref, x_ref, w_ref,
     g = block_group_ref[i]
     steps = jnp.where(i < used_ref[0], k_dim // bk, 0)
 
-    def step(s, acc):
+    def step(s, accs):
         a = _load_rows(x_ref, rows, valid, s * bk + jnp.arange(bk))
-        return acc + _times_weight_tile(a, w_ref, g, s * bk, j * bn, bk, bn, transpose_w)
+        return tuple(acc + _times_weight_tile(a, w_ref, g, s * bk, j * bn, bk, bn, transpose_w)
+                     for acc, w_ref in zip(accs, w_refs, strict=True))
 
-    acc = jax.lax.fori_loop(0, steps, step, jnp.zeros((bm, bn), jnp.float32))
-    o_ref[pl.ds(i * bm, bm), pl.ds(j * bn, bn)] = acc.astype(o_ref.dtype)
+    zeros = tuple(jnp.zeros((bm, bn), jnp.float32) for _ in w_refs)
+    accs = jax.lax.fori_loop(0, steps, step, zeros)
+    return accs, (pl.ds(i * bm, bm), pl.ds(j * bn, bn))
+
+
+def _gather_matmul_kernel(item_row_ref, block_group_ref, used_ref, x_ref, w_ref, o_ref, *,
+                          tiling: GatherTiling, k_dim: int, transpose_w: bool):
+    (acc,), tile = _gathered_products(item_row_ref, block_group_ref, used_ref, x_ref, (w_ref,),
+                                      tiling=tiling, k_dim=k_dim, transpose_w=transpose_w)
+    o_ref[tile] = acc.astype(o_ref.dtype)
 
 
 def gather_matmul(x, w, item_row, block_group, used_blocks, *, transpose_w: bool = False,
@@ -131,21 +143,9 @@ def gather_matmul(x, w, item_row, block_group, used_blocks, *, transpose_w: bool
 
 def _gather_swiglu_kernel(item_row_ref, block_group_ref, used_ref, x_ref, wg_ref, wu_ref,
                           *out_refs, tiling: GatherTiling, k_dim: int):
-    bm, bn, bk = tiling.block_m, tiling.block_n, fit_tile(k_dim, tiling.block_k, "K")
-    i, j = pl.program_id(0), pl.program_id(1)
-    rows = item_row_ref[pl.ds(i * bm, bm)]
-    valid = rows >= 0
-    g = block_group_ref[i]
-    steps = jnp.where(i < used_ref[0], k_dim // bk, 0)
-
-    def step(s, accs):
-        a = _load_rows(x_ref, rows, valid, s * bk + jnp.arange(bk))  # one gather, two products
-        return (accs[0] + _times_weight_tile(a, wg_ref, g, s * bk, j * bn, bk, bn, False),
-                accs[1] + _times_weight_tile(a, wu_ref, g, s * bk, j * bn, bk, bn, False))
-
-    zeros = jnp.zeros((bm, bn), jnp.float32)
-    gate, up = jax.lax.fori_loop(0, steps, step, (zeros, zeros))
-    tile = (pl.ds(i * bm, bm), pl.ds(j * bn, bn))
+    (gate, up), tile = _gathered_products(item_row_ref, block_group_ref, used_ref, x_ref,
+                                          (wg_ref, wu_ref), tiling=tiling, k_dim=k_dim,
+                                          transpose_w=False)
     hidden_ref = out_refs[0]
     # from the pre-activations as stored, so the backward (which recomputes hidden from them)
     # differentiates exactly the function the forward evaluated
