@@ -1,5 +1,6 @@
-"""Occult's fused expert FFN (kernels/fused_experts.py, kernels/gather_matmul.py) in the Pallas
-interpreter, against float64 NumPy and `jax.grad` of a dense float32 reference.
+"""Occult's fused expert FFN (kernels/fused_experts.py, kernels/gather_matmul.py) against float64
+NumPy and `jax.grad` of a dense float32 reference: in the Pallas interpreter on CPU, the
+compiled Triton kernels on a GPU (run this file there).
 
 Plans are fresh random draws each run: rows with padding pairs, an expert nobody chose, all
 items on one expert, an empty buffer. The interpreter fills unwritten output with NaN, so an
@@ -61,7 +62,7 @@ def test_gather_matmul(case, transpose_w):
     w_arg = np.swapaxes(w, 1, 2).copy() if transpose_w else w
     got = np.asarray(gm.gather_matmul(jnp.asarray(x), jnp.asarray(w_arg), plan.item_row,
                                       plan.block_group, plan.used_blocks,
-                                      transpose_w=transpose_w, tiling=TILING, interpret=True))
+                                      transpose_w=transpose_w, tiling=TILING, interpret=ON_CPU))
     want = np.zeros((item_row.shape[0], n))
     for i in np.nonzero(item_row >= 0)[0]:
         want[i] = x[item_row[i]].astype(np.float64) @ w[group[i]]
@@ -79,10 +80,10 @@ def test_gather_swiglu(case):
     w_gate, w_up = (rng.standard_normal((experts, k, n)).astype(np.float32) for _ in range(2))
     hidden, gate, up = map(np.asarray, gm.gather_swiglu(
         jnp.asarray(x), jnp.asarray(w_gate), jnp.asarray(w_up), plan.item_row, plan.block_group,
-        plan.used_blocks, save_preactivations=True, tiling=TILING, interpret=True))
+        plan.used_blocks, save_preactivations=True, tiling=TILING, interpret=ON_CPU))
     (only_hidden,) = gm.gather_swiglu(jnp.asarray(x), jnp.asarray(w_gate), jnp.asarray(w_up),
                                       plan.item_row, plan.block_group, plan.used_blocks,
-                                      tiling=TILING, interpret=True)
+                                      tiling=TILING, interpret=ON_CPU)
     want_gate, want_up = np.zeros((2, item_row.shape[0], n))
     for i in np.nonzero(item_row >= 0)[0]:
         want_gate[i] = x[item_row[i]].astype(np.float64) @ w_gate[group[i]]
@@ -110,7 +111,7 @@ def test_matmul_scatter_add(case, transpose_w, terms):
     got = np.asarray(gm.matmul_scatter_add(
         [jnp.asarray(h) for h in hs], [jnp.asarray(w) for w in w_args], plan.item_row,
         plan.block_group, plan.used_blocks, rows, scale=jnp.asarray(scale),
-        transpose_w=transpose_w, tiling=TILING, interpret=True))
+        transpose_w=transpose_w, tiling=TILING, interpret=ON_CPU))
     want = np.zeros((rows, n))
     for i in np.nonzero(item_row >= 0)[0]:
         for h, w in zip(hs, ws, strict=True):
@@ -133,7 +134,7 @@ def test_gather_tmatmul(case, gather):
     got = np.asarray(gm.gather_tmatmul(
         jnp.asarray(a), jnp.asarray(b), plan.item_row, plan.group_sizes,
         gather_a=gather == "a", gather_b=gather == "b", b_scale=jnp.asarray(scale),
-        tiling=TILING, interpret=True))
+        tiling=TILING, interpret=ON_CPU))
     want = np.zeros((experts, k, n))
     for i in np.nonzero(item_row >= 0)[0]:
         a_i = a[item_row[i]] if gather == "a" else a[i]
@@ -159,7 +160,7 @@ def test_fused_swiglu_combine_values_and_gradients(case):
     rng = np.random.default_rng()
     rows, pairs, experts, d, f = 45, 3, 4, 32, 48
     slot = random_slots(rng, rows, pairs, experts, case)
-    tiling = default_tiling(interpret=True)
+    tiling = default_tiling(interpret=ON_CPU)
     plan = make_expert_plan(jnp.asarray(slot), experts, tiling.block_m, tiling.block_m)
     args = [jnp.asarray(rng.standard_normal(s), jnp.float32) * scale for s, scale in [
         ((rows, d), 1.0), ((rows, pairs), 1.0), ((experts, d, f), d ** -0.5),
@@ -172,7 +173,7 @@ def test_fused_swiglu_combine_values_and_gradients(case):
                             jnp.take(slot_weight.reshape(-1), jnp.maximum(item_pair, 0)), 0.0)
         return fused_swiglu_combine(x, w_gate, w_up, w_down, w_items, plan.item_row,
                                     plan.block_group, plan.used_blocks, plan.group_sizes,
-                                    interpret=True)
+                                    interpret=ON_CPU)
 
     def reference(*a):
         return dense_reference(a[0], jnp.asarray(slot), *a[1:])
@@ -194,8 +195,9 @@ def test_fused_swiglu_combine_values_and_gradients(case):
 
 @pytest.mark.parametrize("dispatch", ["standard", "occult"])
 def test_layer_fused_matches_reference(dispatch):
-    """expert_matmul='fused' on a 4 × 2 mesh: the reference layer's outputs and gradients."""
-    mesh = mesh_or_skip(4, 2)
+    """expert_matmul='fused' on a 4 × 2 CPU mesh (1–2 GPUs on a GPU host): the reference
+    layer's outputs and gradients."""
+    mesh = mesh_or_skip(4, 2) if ON_CPU else mesh_or_skip(min(jax.device_count(), 2))
     cfg = oj.MoEConfig(num_experts=16, top_k=4, d_model=32, d_ff=48, dispatch=dispatch,
                        expert_matmul="fused")
     rng = np.random.default_rng()
@@ -264,3 +266,20 @@ def test_fused_kernels_lower_to_triton_for_cuda():
     target = "__gpu$xla.gpu.triton"
     for fn, kernels in [(forward, 2), (jax.grad(loss, argnums=(0, 1, 2, 3, 4)), 6)]:
         assert cuda_module_text(fn, args, [target]).count(f"@{target}(") == kernels
+
+    # Inside shard_map with variance checks on (as the layer runs on GPUs): kernel operands
+    # and outputs must carry consistent mesh-axis variance, forward and backward.
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    mesh = mesh_or_skip(2)
+    spec = P("expert")
+    sharded = jax.shard_map(forward, mesh=mesh, in_specs=(spec,) * 5, out_specs=spec)
+
+    def sharded_loss(*args):
+        return jnp.sum(sharded(*args).astype(jnp.float32))
+
+    global_args = [jax.ShapeDtypeStruct((2 * a.shape[0], *a.shape[1:]), a.dtype,
+                                        sharding=NamedSharding(mesh, spec)) for a in args]
+    for fn, kernels in [(sharded, 2), (jax.grad(sharded_loss, argnums=(0, 1, 2, 3, 4)), 6)]:
+        assert cuda_module_text(fn, global_args, [target]).count(f"@{target}(") == kernels
