@@ -8,14 +8,15 @@ Arrays travel as 32-bit words. A wide array (the activation rows) is its own mes
 as it is — bit-cast, never copied into a shared buffer — while the narrow ones (expert ids,
 routing weights) are packed side by side into one small message. A dispatch is therefore two
 collectives, a combine one. (Packing the rows in with the metadata cost a copy of the whole
-buffer on each side: ~3.7 of 23 ms in the standard OLMoE layer on 2×H200.) The backward of an
-exchange is the same exchange run in reverse, on the float cotangents only.
+buffer on each side: ~3.7 of 23 ms in a profile of the standard OLMoE layer on 2×H200.) The
+backward of an exchange is the same exchange run in reverse, on the float cotangents only.
 
 * "dense":  `jax.lax.all_to_all` of the whole buffers; runs everywhere.
 * "ragged": `jax.lax.ragged_all_to_all` of the used rows only (GPU/TPU). XLA:CPU lacks it, so on
   CPU an emulation with the same arguments and semantics stands in (`ragged_all_to_all_emulated`).
-* "pallas": the used rows only, written straight into the peers' buffers over NVLink by one
-  Pallas Mosaic GPU kernel (`kernels.nvlink_exchange`); GPUs only. Same result as "ragged".
+* "pallas": the used rows only, written straight into the peers' buffers over NVLink by a
+  Pallas Mosaic GPU kernel per message (`kernels.nvlink_exchange`); GPUs only. Same result as
+  "ragged".
 """
 
 from __future__ import annotations
