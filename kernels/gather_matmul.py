@@ -35,6 +35,7 @@ from jax.experimental.pallas import triton as plt
 from kernels import platform
 
 MIN_TILE = 16  # smallest Triton dot operand edge
+EPILOGUE_BYTES = 32 * 1024  # shared memory left to Triton beside the pipelined operand tiles
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,6 +66,13 @@ def fit_tile(dim: int, preferred: int, what: str) -> int:
         tile //= 2
     raise ValueError(f"the fused expert kernels need {what}={dim} to be a multiple of "
                      f"{MIN_TILE}; pad it or use expert_matmul='ragged_dot'")
+
+
+def fit_stages(tiling: GatherTiling, stage_bytes: int) -> GatherTiling:
+    """The tiling with no more pipeline stages than fit in shared memory, `stage_bytes` being
+    the operand tiles one stage holds (float32 operands need about half as many)."""
+    fit = max(1, (platform.SMEM_BYTES - EPILOGUE_BYTES) // stage_bytes)
+    return dataclasses.replace(tiling, num_stages=min(tiling.num_stages, fit))
 
 
 def _call(kernel, grid, out_shape, tiling: GatherTiling, interpret: bool, aliases=None):
@@ -133,7 +141,9 @@ def gather_matmul(x, w, item_row, block_group, used_blocks, *, transpose_w: bool
     k_dim = x.shape[1]
     n = w.shape[1] if transpose_w else w.shape[2]
     bn = fit_tile(n, tiling.block_n, "N")
-    tiling = dataclasses.replace(tiling, block_n=bn)
+    bk = fit_tile(k_dim, tiling.block_k, "K")
+    tiling = fit_stages(dataclasses.replace(tiling, block_n=bn),
+                        (tiling.block_m + bn) * bk * x.dtype.itemsize)
     kernel = functools.partial(_gather_matmul_kernel, tiling=tiling, k_dim=k_dim,
                                transpose_w=transpose_w)
     operands = platform.vary_together(item_row, block_group, used_blocks.reshape(1), x, w)
@@ -165,7 +175,9 @@ def gather_swiglu(x, w_gate, w_up, item_row, block_group, used_blocks, *,
     x [R, K]; w_gate, w_up [G, K, N]; outputs [M, N] in x's dtype (zeros for padding items)."""
     m, (k_dim, n) = item_row.shape[0], w_gate.shape[1:]
     bn = fit_tile(n, tiling.block_n, "N")
-    tiling = dataclasses.replace(tiling, block_n=bn)
+    bk = fit_tile(k_dim, tiling.block_k, "K")
+    tiling = fit_stages(dataclasses.replace(tiling, block_n=bn),
+                        (tiling.block_m + 2 * bn) * bk * x.dtype.itemsize)
     kernel = functools.partial(_gather_swiglu_kernel, tiling=tiling, k_dim=k_dim)
     operands = platform.vary_together(item_row, block_group, used_blocks.reshape(1), x, w_gate,
                                       w_up)
@@ -214,7 +226,9 @@ def matmul_scatter_add(hs, ws, item_row, block_group, used_blocks, num_rows: int
     m, k_dim = hs[0].shape
     n = ws[0].shape[1] if transpose_w else ws[0].shape[2]
     bn = fit_tile(n, tiling.block_n, "N")
-    tiling = dataclasses.replace(tiling, block_n=bn)
+    bk = fit_tile(k_dim, tiling.block_k, "K")
+    tiling = fit_stages(dataclasses.replace(tiling, block_n=bn),
+                        len(hs) * (tiling.block_m + bn) * bk * hs[0].dtype.itemsize)
     scaled = scale is not None
     scale = jnp.zeros((1,), jnp.float32) if scale is None else scale.astype(jnp.float32)
     init = jnp.zeros((num_rows + (1 if interpret else 0), n), jnp.float32)
@@ -266,7 +280,8 @@ def gather_tmatmul(a, b, item_row, group_sizes, *, gather_a: bool, gather_b: boo
     k_dim, n = a.shape[1], b.shape[1]
     bk = fit_tile(k_dim, tiling.block_k, "K")
     bn = fit_tile(n, tiling.block_n, "N")
-    tiling = dataclasses.replace(tiling, block_n=bn)
+    tiling = fit_stages(dataclasses.replace(tiling, block_n=bn),
+                        bm * (bk + bn) * a.dtype.itemsize)
     blocks = (group_sizes // bm).astype(jnp.int32)
     first = (jnp.cumsum(blocks) - blocks).astype(jnp.int32)
     scaled = b_scale is not None

@@ -25,7 +25,7 @@ from kernels.gmm_mgpu import GmmTiling, gmm_call
 from kernels.tgmm_mgpu import TgmmTiling, tgmm_call
 
 ROW_MULTIPLE = 128  # M is padded to this (both kernels' row tiles divide it)
-SMEM_BYTES = 227 * 1024  # shared memory per block on Hopper (H100/H200)
+SMEM_BYTES = platform.SMEM_BYTES
 MAX_STAGES = 4
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import jax
 
+SMEM_BYTES = 227 * 1024  # shared memory one thread block may use on Hopper (H100/H200)
+
 
 def backend() -> str:
     """'gpu', 'tpu' or 'cpu' for the default device."""

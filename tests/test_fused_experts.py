@@ -7,6 +7,8 @@ items on one expert, an empty buffer. The interpreter fills unwritten output wit
 output element a kernel forgot fails the comparison.
 """
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -305,3 +307,27 @@ def test_fused_kernels_lower_to_triton_for_cuda():
                                         sharding=NamedSharding(mesh, spec)) for a in args]
     for fn, kernels in [(sharded, 2), (jax.grad(sharded_loss, argnums=(0, 1, 2, 3, 4)), 6)]:
         assert cuda_module_text(fn, global_args, [target]).count(f"@{target}(") == kernels
+
+
+def test_float32_tiles_get_fewer_pipeline_stages():
+    """Default tiles hold 3 pipeline stages in shared memory for 16-bit operands; float32
+    operands of the two-weight SwiGLU kernel would overflow it (3 × 80 KiB), so it gets 2 —
+    visible in the Triton kernel's parameters when lowered for CUDA."""
+    t = gm.GatherTiling()
+    swiglu_stage = (t.block_m + 2 * t.block_n) * t.block_k
+    assert gm.fit_stages(t, 2 * swiglu_stage).num_stages == t.num_stages == 3
+    assert gm.fit_stages(t, 4 * swiglu_stage).num_stages == 2
+
+    rows, experts, d, f = 128, 4, 128, 256
+    slot = jnp.asarray(random_slots(np.random.default_rng(), rows, 2, experts, "random"))
+
+    def forward(x, w_gate, w_up):
+        plan = make_expert_plan(slot, experts, t.block_m, t.block_m)
+        return gm.gather_swiglu(x, w_gate, w_up, plan.item_row, plan.block_group,
+                                plan.used_blocks, tiling=t, interpret=False)[0]
+
+    for dtype, stages in [(jnp.bfloat16, 3), (jnp.float32, 2)]:
+        args = [jax.ShapeDtypeStruct(s, dtype) for s in [(rows, d), (experts, d, f),
+                                                           (experts, d, f)]]
+        text = cuda_module_text(forward, args, ["__gpu$xla.gpu.triton"])
+        assert re.findall(r"num_stages = (\d+)", text) == [str(stages)]
