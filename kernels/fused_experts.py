@@ -10,10 +10,10 @@ product and writes silu(gate) · up, and the down matmul adds weight × output i
 float32 accumulator (no per-item output buffer, no separate segment-sum). The backward uses the
 kernels of kernels/gather_matmul.py:
 
-    g_i        = dout[row_i] @ W_down[e]ᵀ               gather_matmul (weights read as [N, K])
-    dweight_i  = ⟨g_i, h_i⟩;  dh_i = weight_i · g_i
+    g_i        = dout[row_i] @ W_down[e]ᵀ               gather_swiglu_grad (one kernel: the
+    dweight_i  = ⟨g_i, h_i⟩;  dh_i = weight_i · g_i      product, then these in its epilogue;
+    dgate, dup = SwiGLU backward of dh                    g itself is never stored)
     dW_down[e] = Σ_i h_iᵀ · weight_i dout[row_i]        gather_tmatmul (b gathered, scaled)
-    dgate, dup = SwiGLU backward of dh
     drows[r]   = Σ_i dgate_i W_gate[e]ᵀ + dup_i W_up[e]ᵀ matmul_scatter_add (both terms)
     dW_gate[e] = Σ_i rows[row_i]ᵀ dgate_i (same for up) gather_tmatmul (a gathered)
 """
@@ -28,8 +28,8 @@ import jax.numpy as jnp
 from kernels import platform
 from kernels.gather_matmul import (
     GatherTiling,
-    gather_matmul,
     gather_swiglu,
+    gather_swiglu_grad,
     gather_tmatmul,
     matmul_scatter_add,
 )
@@ -52,11 +52,6 @@ def _interpret(interpret: bool | None) -> bool:
         raise ValueError(f"expert_matmul='fused' runs on GPUs (and interpreted on CPU), not on "
                          f"{kind}; use expert_matmul='auto'")
     return False
-
-
-def _silu_and_grad(gate: jax.Array) -> tuple[jax.Array, jax.Array]:
-    s = jax.nn.sigmoid(gate)
-    return gate * s, s * (1.0 + gate * (1.0 - s))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(9, 10))
@@ -82,7 +77,7 @@ def _fused_fwd(rows, w_gate, w_up, w_down, item_weight, item_row, block_group, u
                group_sizes, tiling, interpret):
     out, (gate, up) = _forward(rows, w_gate, w_up, w_down, item_weight, item_row, block_group,
                                used_blocks, tiling, interpret, save_preactivations=True)
-    # gate and up, as the unfused path keeps; the hidden activations are recomputed from them
+    # gate and up, as the unfused path keeps; the backward recomputes hidden from them
     return out, (rows, w_gate, w_up, w_down, item_weight, item_row, block_group, used_blocks,
                  group_sizes, gate, up)
 
@@ -97,16 +92,10 @@ def _fused_bwd(tiling, interpret, residuals, d_out):
     groups = dict(item_row=item_row, group_sizes=group_sizes, tiling=tiling,
                   interpret=interpret)
 
-    g = gather_matmul(d_out, w_down, transpose_w=True, out_dtype=jnp.float32, **plan)  # [M, f]
-    gate32, up32 = gate.astype(jnp.float32), up.astype(jnp.float32)
-    silu, d_silu = _silu_and_grad(gate32)
-    hidden = (silu * up32).astype(dtype)
-    d_weight = jnp.sum(g * hidden.astype(jnp.float32), axis=-1).astype(item_weight.dtype)
-    d_hidden = g * item_weight.astype(jnp.float32)[:, None]
+    d_gate, d_up, hidden, d_weight = gather_swiglu_grad(d_out, w_down, gate, up, item_weight,
+                                                        **plan)
     d_w_down = gather_tmatmul(hidden, d_out, gather_a=False, gather_b=True,
                               b_scale=item_weight, out_dtype=w_down.dtype, **groups)
-    d_gate = (d_hidden * up32 * d_silu).astype(dtype)
-    d_up = (d_hidden * silu).astype(dtype)
 
     d_rows = matmul_scatter_add((d_gate, d_up), (w_gate, w_up), num_rows=rows.shape[0],
                                 transpose_w=True, **plan)
@@ -114,7 +103,8 @@ def _fused_bwd(tiling, interpret, residuals, d_out):
                               out_dtype=w_gate.dtype, **groups)
     d_w_up = gather_tmatmul(rows, d_up, gather_a=True, gather_b=False, out_dtype=w_up.dtype,
                             **groups)
-    return (d_rows.astype(dtype), d_w_gate, d_w_up, d_w_down, d_weight, None, None, None, None)
+    return (d_rows.astype(dtype), d_w_gate, d_w_up, d_w_down,
+            d_weight.astype(item_weight.dtype), None, None, None, None)
 
 
 _fused.defvjp(_fused_fwd, _fused_bwd)

@@ -7,9 +7,11 @@ every block of ``block_m`` items belongs to one expert (``block_group``) and onl
 padding. Nothing is copied into item order: rows are read through ``item_row`` and results are
 added back through it.
 
-* ``gather_matmul``:      out[i] = x[item_row[i]] @ w[g(i)]                       [M, N]
 * ``gather_swiglu``:      silu(x_i @ w_gate[g]) · (x_i @ w_up[g]) with x_i = x[item_row[i]],
                           one gather for both products                          [M, N]
+* ``gather_swiglu_grad``: its backward through the weighted down matmul: d_out[item_row[i]]
+                          @ w_down[g]ᵀ, then the SwiGLU and routing-weight gradients in the
+                          epilogue                                              [M, N] ×3, [M]
 * ``matmul_scatter_add``: out[r] = Σ_{i: item_row[i] = r} scale[i] · Σ_t h_t[i] @ w_t[g(i)]
                                                                               [R, N] f32
 * ``gather_tmatmul``:     dw[g] = Σ_{i in g} a_i^T · b_i, a and/or b read through item_row,
@@ -125,32 +127,6 @@ def _gathered_products(item_row_ref, block_group_ref, used_ref, x_ref, w_refs, *
     return accs, (pl.ds(i * bm, bm), pl.ds(j * bn, bn))
 
 
-def _gather_matmul_kernel(item_row_ref, block_group_ref, used_ref, x_ref, w_ref, o_ref, *,
-                          tiling: GatherTiling, k_dim: int, transpose_w: bool):
-    (acc,), tile = _gathered_products(item_row_ref, block_group_ref, used_ref, x_ref, (w_ref,),
-                                      tiling=tiling, k_dim=k_dim, transpose_w=transpose_w)
-    o_ref[tile] = acc.astype(o_ref.dtype)
-
-
-def gather_matmul(x, w, item_row, block_group, used_blocks, *, transpose_w: bool = False,
-                  out_dtype=None, tiling: GatherTiling = GatherTiling(),
-                  interpret: bool = False) -> jax.Array:
-    """out[i] = x[item_row[i]] @ w[block_group[i // block_m]]; zeros for padding items and for
-    blocks past ``used_blocks``. x [R, K]; w [G, K, N] (or [G, N, K] with transpose_w)."""
-    m = item_row.shape[0]
-    k_dim = x.shape[1]
-    n = w.shape[1] if transpose_w else w.shape[2]
-    bn = fit_tile(n, tiling.block_n, "N")
-    bk = fit_tile(k_dim, tiling.block_k, "K")
-    tiling = fit_stages(dataclasses.replace(tiling, block_n=bn),
-                        (tiling.block_m + bn) * bk * x.dtype.itemsize)
-    kernel = functools.partial(_gather_matmul_kernel, tiling=tiling, k_dim=k_dim,
-                               transpose_w=transpose_w)
-    operands = platform.vary_together(item_row, block_group, used_blocks.reshape(1), x, w)
-    out_type = platform.out_struct((m, n), out_dtype or x.dtype, *operands)
-    return _call(kernel, (m // tiling.block_m, n // bn), out_type, tiling, interpret)(*operands)
-
-
 def _gather_swiglu_kernel(item_row_ref, block_group_ref, used_ref, x_ref, wg_ref, wu_ref,
                           *out_refs, tiling: GatherTiling, k_dim: int):
     (gate, up), tile = _gathered_products(item_row_ref, block_group_ref, used_ref, x_ref,
@@ -185,6 +161,51 @@ def gather_swiglu(x, w_gate, w_up, item_row, block_group, used_blocks, *,
     outs = 3 if save_preactivations else 1
     return tuple(_call(kernel, (m // tiling.block_m, n // bn), (out_type,) * outs, tiling,
                        interpret)(*operands))
+
+
+def _gather_swiglu_grad_kernel(item_row_ref, block_group_ref, used_ref, d_out_ref, wd_ref,
+                               gate_ref, up_ref, weight_ref, d_gate_ref, d_up_ref, hidden_ref,
+                               d_weight_ref, *, tiling: GatherTiling, k_dim: int):
+    (g,), tile = _gathered_products(item_row_ref, block_group_ref, used_ref, d_out_ref,
+                                    (wd_ref,), tiling=tiling, k_dim=k_dim, transpose_w=True)
+    bm = tiling.block_m
+    i, j = pl.program_id(0), pl.program_id(1)
+    gate = gate_ref[tile].astype(jnp.float32)
+    up = up_ref[tile].astype(jnp.float32)
+    weight = weight_ref[pl.ds(i * bm, bm)]
+    sig = jax.nn.sigmoid(gate)
+    silu = gate * sig
+    hidden = (silu * up).astype(hidden_ref.dtype)  # as the forward stored it
+    d_weight_ref[j, pl.ds(i * bm, bm)] = jnp.sum(g * hidden.astype(jnp.float32), axis=1)
+    d_hidden = g * weight[:, None]
+    d_gate_ref[tile] = (d_hidden * up * sig * (1.0 + gate * (1.0 - sig))).astype(d_gate_ref.dtype)
+    d_up_ref[tile] = (d_hidden * silu).astype(d_up_ref.dtype)
+    hidden_ref[tile] = hidden
+
+
+def gather_swiglu_grad(d_out, w_down, gate, up, item_weight, item_row, block_group, used_blocks,
+                       *, tiling: GatherTiling = GatherTiling(),
+                       interpret: bool = False) -> tuple[jax.Array, ...]:
+    """The SwiGLU + weighted pre-combine backward up to the down matmul's weight gradient.
+
+    With g_i = d_out[item_row[i]] @ w_down[g]ᵀ (d_out [R, N], w_down [G, K, N]; one gathered
+    tile per program) and hidden_i = silu(gate_i) · up_i as the forward stored it, returns
+    d_gate, d_up = the SwiGLU backward of weight_i · g_i, and hidden (all [M, K] in gate's
+    dtype), and d_weight [M] = ⟨g_i, hidden_i⟩ in float32 — one pass, no float32 [M, K] array.
+    """
+    m, (k_dim, n) = item_row.shape[0], w_down.shape[1:]
+    bn = fit_tile(k_dim, tiling.block_n, "the hidden width")
+    bk = fit_tile(n, tiling.block_k, "the model width")
+    tiling = fit_stages(dataclasses.replace(tiling, block_n=bn, block_k=bk),
+                        (tiling.block_m + bn) * bk * d_out.dtype.itemsize)
+    kernel = functools.partial(_gather_swiglu_grad_kernel, tiling=tiling, k_dim=n)
+    operands = platform.vary_together(item_row, block_group, used_blocks.reshape(1), d_out,
+                                      w_down, gate, up, item_weight.astype(jnp.float32))
+    act = platform.out_struct((m, k_dim), gate.dtype, *operands)
+    parts = platform.out_struct((k_dim // bn, m), jnp.float32, *operands)
+    d_gate, d_up, hidden, d_weight = _call(kernel, (m // tiling.block_m, k_dim // bn),
+                                           (act, act, act, parts), tiling, interpret)(*operands)
+    return d_gate, d_up, hidden, jnp.sum(d_weight, axis=0)
 
 
 def _scatter_add_kernel(item_row_ref, block_group_ref, used_ref, scale_ref, *refs,
