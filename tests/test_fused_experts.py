@@ -237,6 +237,26 @@ def test_layer_fused_matches_reference(dispatch):
                                    atol=1e-5 * max(1.0, float(np.abs(b).max())))
 
 
+@pytest.mark.parametrize("dispatch", ["standard", "occult"])
+def test_layer_fused_all_experts_on_one_device(dispatch):
+    """Adversarial routing: every token's experts on one device (one hot expert group gets all
+    rows, the other devices none); fused matches the reference, outputs and gradients."""
+    from test_moe_layer import D_MODEL, adversarial_layer, assert_trees_close, grads, make_input
+
+    mesh = mesh_or_skip(4, 2) if ON_CPU else mesh_or_skip(min(jax.device_count(), 2))
+    n = dict(mesh.shape)["expert"]
+    cfg = oj.MoEConfig(num_experts=4 * n, top_k=4, d_model=D_MODEL, d_ff=16, dispatch=dispatch,
+                       expert_matmul="fused")
+    layer, direction = adversarial_layer(cfg, mesh, 3, target_device=n - 1)
+    reference, _ = adversarial_layer(cfg.replace(dispatch="reference"), mesh, 3, n - 1)
+    x = make_input(mesh.size, 4, direction)
+    (y, stats), (y_ref, _) = layer(x), reference(x)
+    assert float(stats["ct"]) == 1.0, "the routing is meant to put every token on one device"
+    np.testing.assert_allclose(np.asarray(y), np.asarray(y_ref), rtol=1e-4, atol=1e-5)
+    cotangent = jnp.asarray(np.random.default_rng(5).standard_normal(x.shape), jnp.float32)
+    assert_trees_close(grads(layer, x, cotangent), grads(reference, x, cotangent))
+
+
 def test_layer_fused_bfloat16_close_to_float32():
     """bfloat16 compute (float32 params, cast per call): the fused kernels stay within bf16
     error of the float32 reference layer, forward and input gradient."""
