@@ -58,7 +58,7 @@ def _weight_grad(x, dy, block_group, num_used, block, chunk, groups):
         return dw.at[jax.lax.dynamic_slice_in_dim(block_group, first_block, chunk)].add(parts)
 
     init = vary_like(jnp.zeros((groups, x.shape[1], dy.shape[1]), jnp.float32), x, dy,
-                         block_group)
+                     block_group)
     return _loop_chunks(num_used, block, chunk, body, init)
 
 
