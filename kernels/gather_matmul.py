@@ -77,6 +77,17 @@ def fit_stages(tiling: GatherTiling, stage_bytes: int) -> GatherTiling:
     return dataclasses.replace(tiling, num_stages=min(tiling.num_stages, fit))
 
 
+def fit(tiling: GatherTiling, *, k_dim: int, n: int, itemsize: int, stage_tiles,
+        what: tuple[str, str] = ("K", "N")) -> GatherTiling:
+    """The tiling fitted to one call: block_k dividing the contraction k_dim, block_n the
+    output width n, and as many pipeline stages as shared memory holds, one stage being
+    ``stage_tiles(block_m, block_k, block_n)`` operand elements of ``itemsize`` bytes."""
+    bk = fit_tile(k_dim, tiling.block_k, what[0])
+    bn = fit_tile(n, tiling.block_n, what[1])
+    return fit_stages(dataclasses.replace(tiling, block_k=bk, block_n=bn),
+                      stage_tiles(tiling.block_m, bk, bn) * itemsize)
+
+
 def _call(kernel, grid, out_shape, tiling: GatherTiling, interpret: bool, aliases=None):
     params = None if interpret else plt.CompilerParams(num_warps=tiling.num_warps,
                                                        num_stages=tiling.num_stages)
@@ -110,7 +121,7 @@ def _gathered_products(item_row_ref, block_group_ref, used_ref, x_ref, w_refs, *
     """This program's tile: its block's rows read through item_row, times each weight's
     column tile (one gather serves every product); float32 [bm, bn] each, and the tile's
     (rows, cols) slices. Zeros past used_blocks."""
-    bm, bn, bk = tiling.block_m, tiling.block_n, fit_tile(k_dim, tiling.block_k, "K")
+    bm, bn, bk = tiling.block_m, tiling.block_n, tiling.block_k
     i, j = pl.program_id(0), pl.program_id(1)
     rows = item_row_ref[pl.ds(i * bm, bm)]
     valid = rows >= 0
@@ -150,16 +161,15 @@ def gather_swiglu(x, w_gate, w_up, item_row, block_group, used_blocks, *,
     from one gathered tile; returns (hidden,) or, with save_preactivations, (hidden, gate, up).
     x [R, K]; w_gate, w_up [G, K, N]; outputs [M, N] in x's dtype (zeros for padding items)."""
     m, (k_dim, n) = item_row.shape[0], w_gate.shape[1:]
-    bn = fit_tile(n, tiling.block_n, "N")
-    bk = fit_tile(k_dim, tiling.block_k, "K")
-    tiling = fit_stages(dataclasses.replace(tiling, block_n=bn),
-                        (tiling.block_m + 2 * bn) * bk * x.dtype.itemsize)
+    tiling = fit(tiling, k_dim=k_dim, n=n, itemsize=x.dtype.itemsize,
+                 stage_tiles=lambda bm, bk, bn: (bm + 2 * bn) * bk)  # x tile + two weight tiles
     kernel = functools.partial(_gather_swiglu_kernel, tiling=tiling, k_dim=k_dim)
     operands = platform.vary_together(item_row, block_group, used_blocks.reshape(1), x, w_gate,
                                       w_up)
     out_type = platform.out_struct((m, n), x.dtype, *operands)
     outs = 3 if save_preactivations else 1
-    return tuple(_call(kernel, (m // tiling.block_m, n // bn), (out_type,) * outs, tiling,
+    return tuple(_call(kernel, (m // tiling.block_m, n // tiling.block_n), (out_type,) * outs,
+                       tiling,
                        interpret)(*operands))
 
 
@@ -194,10 +204,10 @@ def gather_swiglu_grad(d_out, w_down, gate, up, item_weight, item_row, block_gro
     dtype), and d_weight [M] = ⟨g_i, hidden_i⟩ in float32 — one pass, no float32 [M, K] array.
     """
     m, (k_dim, n) = item_row.shape[0], w_down.shape[1:]
-    bn = fit_tile(k_dim, tiling.block_n, "the hidden width")
-    bk = fit_tile(n, tiling.block_k, "the model width")
-    tiling = fit_stages(dataclasses.replace(tiling, block_n=bn, block_k=bk),
-                        (tiling.block_m + bn) * bk * d_out.dtype.itemsize)
+    tiling = fit(tiling, k_dim=n, n=k_dim, itemsize=d_out.dtype.itemsize,
+                 stage_tiles=lambda bm, bk, bn: (bm + bn) * bk,
+                 what=("the model width", "the hidden width"))
+    bn = tiling.block_n
     kernel = functools.partial(_gather_swiglu_grad_kernel, tiling=tiling, k_dim=n)
     operands = platform.vary_together(item_row, block_group, used_blocks.reshape(1), d_out,
                                       w_down, gate, up, item_weight.astype(jnp.float32))
@@ -212,7 +222,7 @@ def _scatter_add_kernel(item_row_ref, block_group_ref, used_ref, scale_ref, *ref
                         tiling: GatherTiling, k_dim: int, terms: int, transpose_w: bool,
                         scaled: bool, interpret: bool):
     h_refs, w_refs, o_ref = refs[:terms], refs[terms:2 * terms], refs[-1]  # refs[-2]: aliased
-    bm, bn, bk = tiling.block_m, tiling.block_n, fit_tile(k_dim, tiling.block_k, "K")
+    bm, bn, bk = tiling.block_m, tiling.block_n, tiling.block_k
     i, j = pl.program_id(0), pl.program_id(1)
     g = block_group_ref[i]
 
@@ -246,10 +256,8 @@ def matmul_scatter_add(hs, ws, item_row, block_group, used_blocks, num_rows: int
     hs, ws = tuple(hs), tuple(ws)
     m, k_dim = hs[0].shape
     n = ws[0].shape[1] if transpose_w else ws[0].shape[2]
-    bn = fit_tile(n, tiling.block_n, "N")
-    bk = fit_tile(k_dim, tiling.block_k, "K")
-    tiling = fit_stages(dataclasses.replace(tiling, block_n=bn),
-                        len(hs) * (tiling.block_m + bn) * bk * hs[0].dtype.itemsize)
+    tiling = fit(tiling, k_dim=k_dim, n=n, itemsize=hs[0].dtype.itemsize,
+                 stage_tiles=lambda bm, bk, bn: len(hs) * (bm + bn) * bk)
     scaled = scale is not None
     scale = jnp.zeros((1,), jnp.float32) if scale is None else scale.astype(jnp.float32)
     init = jnp.zeros((num_rows + (1 if interpret else 0), n), jnp.float32)
@@ -258,14 +266,14 @@ def matmul_scatter_add(hs, ws, item_row, block_group, used_blocks, num_rows: int
     operands = platform.vary_together(item_row, block_group, used_blocks.reshape(1), scale, *hs,
                                       *ws, init)
     out_type = platform.out_struct(init.shape, jnp.float32, *operands)
-    out = _call(kernel, (m // tiling.block_m, n // bn), out_type, tiling, interpret,
+    out = _call(kernel, (m // tiling.block_m, n // tiling.block_n), out_type, tiling, interpret,
                 aliases={len(operands) - 1: 0})(*operands)
     return out[:num_rows] if interpret else out
 
 
 def _tmatmul_kernel(item_row_ref, first_ref, count_ref, scale_ref, a_ref, b_ref, o_ref, *,
-                    tiling: GatherTiling, gather_a: bool, gather_b: bool, scaled: bool, bk: int):
-    bm, bn = tiling.block_m, tiling.block_n
+                    tiling: GatherTiling, gather_a: bool, gather_b: bool, scaled: bool):
+    bm, bn, bk = tiling.block_m, tiling.block_n, tiling.block_k
     g, kt, nt = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     first = first_ref[g]
 
@@ -297,18 +305,16 @@ def gather_tmatmul(a, b, item_row, group_sizes, *, gather_a: bool, gather_b: boo
     a_i is a[item_row[i]] when gather_a (a [R, K]) else a[i] (a [M, K]); likewise b. Padding
     items contribute zeros. ``group_sizes`` [G] are the plan's padded sizes (multiples of
     block_m)."""
-    bm = tiling.block_m
     k_dim, n = a.shape[1], b.shape[1]
-    bk = fit_tile(k_dim, tiling.block_k, "K")
-    bn = fit_tile(n, tiling.block_n, "N")
-    tiling = fit_stages(dataclasses.replace(tiling, block_n=bn),
-                        bm * (bk + bn) * a.dtype.itemsize)
+    tiling = fit(tiling, k_dim=k_dim, n=n, itemsize=a.dtype.itemsize,
+                 stage_tiles=lambda bm, bk, bn: bm * (bk + bn))
+    bm, bk, bn = tiling.block_m, tiling.block_k, tiling.block_n
     blocks = (group_sizes // bm).astype(jnp.int32)
     first = (jnp.cumsum(blocks) - blocks).astype(jnp.int32)
     scaled = b_scale is not None
     scale = jnp.zeros((1,), jnp.float32) if b_scale is None else b_scale.astype(jnp.float32)
     kernel = functools.partial(_tmatmul_kernel, tiling=tiling, gather_a=gather_a,
-                               gather_b=gather_b, scaled=scaled, bk=bk)
+                               gather_b=gather_b, scaled=scaled)
     groups = group_sizes.shape[0]
     operands = platform.vary_together(item_row, first, blocks, scale, a, b)
     out_type = platform.out_struct((groups, k_dim, n), out_dtype or a.dtype, *operands)

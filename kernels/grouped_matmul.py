@@ -25,13 +25,12 @@ from kernels.gmm_mgpu import GmmTiling, gmm_call
 from kernels.tgmm_mgpu import TgmmTiling, tgmm_call
 
 ROW_MULTIPLE = 128  # M is padded to this (both kernels' row tiles divide it)
-SMEM_BYTES = platform.SMEM_BYTES
 MAX_STAGES = 4
 
 
 def _stages(stage_bytes: int, out_bytes: int) -> int:
     """Most pipeline stages (≤ MAX_STAGES) whose buffers fit beside the output staging."""
-    return max(2, min(MAX_STAGES, (SMEM_BYTES - out_bytes - 1024) // stage_bytes))
+    return max(2, min(MAX_STAGES, (platform.SMEM_BYTES - out_bytes - 1024) // stage_bytes))
 
 
 def _check(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, transpose_rhs: bool) -> None:
