@@ -42,6 +42,12 @@ def parse_args(argv=None):
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--sweep", action="store_true", help="try a few fused tilings")
+    p.add_argument("--tilings", default="",
+                   help="fused tilings to try, e.g. 128x128x64w8s3,64x256x64w8s3 (bm x bn x bk, "
+                        "warps, stages)")
+    p.add_argument("--only", default="", help="with --breakdown: these kernels only")
+    p.add_argument("--breakdown", action="store_true",
+                   help="time each fused kernel alone (forward 2, backward 5) per tiling")
     p.add_argument("--smoke", action="store_true", help="tiny shape, 2 iterations (CPU check)")
     p.add_argument("--out", default=None)
     return p.parse_args(argv)
@@ -80,12 +86,21 @@ def main(argv=None):
     if args.sweep and not on_cpu:
         tilings += [GatherTiling(bm, bn, 64, w, 3) for bm, bn, w in itertools.product(
             (64, 128), (64, 128), (4, 8))]  # 8 tilings: keeps one device call under 10 min
-        tilings = list(dict.fromkeys(tilings))
+    for spec in filter(None, args.tilings.split(",")):
+        sizes, rest = spec.split("w")
+        warps, stages = rest.split("s")
+        tilings.append(GatherTiling(*map(int, sizes.split("x")), int(warps), int(stages)))
+    tilings = list(dict.fromkeys(tilings))
 
     print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}; {args.dtype}", flush=True)
     rows = []
     for shape, n in itertools.product(args.shapes.split(","), map(int, args.devices.split(","))):
+        if args.breakdown:
+            breakdown(shape, n, tilings, timed, args)
+            continue
         rows.extend(bench_case(shape, n, tilings, timed, args))
+    if args.breakdown:
+        return
 
     print(f"\n{'shape':9} {'N':>2} {'C_T':>5} {'items':>8} {'impl':11} {'fwd ms':>8} "
           f"{'fwd+bwd ms':>10} {'fwd TFLOP/s':>11} {'fused ×':>8}  config")
@@ -173,6 +188,70 @@ def bench_case(shape: str, n: int, tilings, timed, args) -> list[dict]:
         if name not in best or bwd_ms < best[name]["fwd_bwd_ms"]:
             best[name] = row
     return list(best.values())
+
+
+def breakdown(shape: str, n: int, tilings, timed, args) -> None:
+    """Each fused kernel timed alone on this case's plan: ms and TFLOP/s per tiling."""
+    import jax
+    import jax.numpy as jnp
+
+    dtype = jnp.dtype(args.dtype)
+    e, k, d, f = SHAPES[shape]
+    slot_np, _ = receive_buffer(np.random.default_rng(0), e, k, n, args.tokens)
+    keys = jax.random.split(jax.random.key(1), 5)
+    local = e // n
+    x = jax.random.normal(keys[0], (slot_np.shape[0], d), dtype)
+    w_in = jax.random.normal(keys[1], (local, d, f), dtype) * d ** -0.5
+    w_out = jax.random.normal(keys[2], (local, f, d), dtype) * f ** -0.5
+    items = int((slot_np >= 0).sum())
+    print(f"\n{shape} N={n}: {items} items; kernel ms (TFLOP/s on real items)")
+    for t in tilings:
+        cells = []
+        for name, (products, fn) in _kernel_cases(jnp.asarray(slot_np), x, w_in, w_out, keys[3:],
+                                                  t).items():
+            if args.only and name not in args.only.split(","):
+                continue
+            try:
+                ms = timed(jax.jit(fn))
+                cells.append(f"{name} {ms:.2f} ({products * 2 * items * d * f / ms / 1e9:.0f})")
+            except Exception as err:  # a tiling may not compile: report it, keep going
+                cells.append(f"{name} {type(err).__name__}")
+                print(f"    {name}: {str(err)[:200]}", file=sys.stderr)
+        print(f"  bm{t.block_m} bn{t.block_n} bk{t.block_k} w{t.num_warps} s{t.num_stages}: "
+              + " | ".join(cells), flush=True)
+
+
+def _kernel_cases(slot, x, w_in, w_out, keys, tiling) -> dict:
+    """name → (matmuls per item, a no-argument function running that kernel once)."""
+    import jax
+    import jax.numpy as jnp
+
+    from kernels import gather_matmul as gm
+    from occult_jax.plan import make_expert_plan
+
+    plan = make_expert_plan(slot, w_in.shape[0], tiling.block_m, tiling.block_m)
+    m = plan.item_row.shape[0]
+    act = jax.random.normal(keys[0], (m, w_in.shape[2]), x.dtype)
+    weight = jax.random.uniform(keys[1], (m,), jnp.float32)
+    interpret = jax.default_backend() == "cpu"
+    common = dict(item_row=plan.item_row, block_group=plan.block_group,
+                  used_blocks=plan.used_blocks, tiling=tiling, interpret=interpret)
+    groups = dict(item_row=plan.item_row, group_sizes=plan.group_sizes, tiling=tiling,
+                  interpret=interpret)
+    rows = x.shape[0]
+    return {
+        "gather_swiglu": (2, lambda: gm.gather_swiglu(x, w_in, w_in, **common)),
+        "scatter_add": (1, lambda: gm.matmul_scatter_add((act,), (w_out,), num_rows=rows,
+                                                         scale=weight, **common)),
+        "swiglu_grad": (1, lambda: gm.gather_swiglu_grad(x, w_out, act, act, weight, **common)),
+        "tmatmul_down": (1, lambda: gm.gather_tmatmul(act, x, gather_a=False, gather_b=True,
+                                                      b_scale=weight, **groups)),
+        "scatter_add_2": (2, lambda: gm.matmul_scatter_add((act, act), (w_in, w_in),
+                                                           num_rows=rows, transpose_w=True,
+                                                           **common)),
+        "tmatmul_in": (1, lambda: gm.gather_tmatmul(x, act, gather_a=True, gather_b=False,
+                                                    **groups)),
+    }
 
 
 if __name__ == "__main__":

@@ -10,9 +10,9 @@ product and writes silu(gate) · up, and the down matmul adds weight × output i
 float32 accumulator (no per-item output buffer, no separate segment-sum). The backward uses the
 kernels of kernels/gather_matmul.py:
 
-    g_i        = dout[row_i] @ W_down[e]ᵀ               gather_swiglu_grad (one kernel: the
-    dweight_i  = ⟨g_i, h_i⟩;  dh_i = weight_i · g_i      product, then these in its epilogue;
-    dgate, dup = SwiGLU backward of dh                    g itself is never stored)
+    g_i        = dout[row_i] @ W_down[e]ᵀ               gather_swiglu_grad (a gathered
+    dweight_i  = ⟨g_i, h_i⟩;  dh_i = weight_i · g_i      matmul kernel writes g in float32,
+    dgate, dup = SwiGLU backward of dh                    one XLA fusion does the rest)
     dW_down[e] = Σ_i h_iᵀ · weight_i dout[row_i]        gather_tmatmul (b gathered, scaled)
     drows[r]   = Σ_i dgate_i W_gate[e]ᵀ + dup_i W_up[e]ᵀ matmul_scatter_add (both terms)
     dW_gate[e] = Σ_i rows[row_i]ᵀ dgate_i (same for up) gather_tmatmul (a gathered)

@@ -1,5 +1,7 @@
 """Test setup: 8 fake CPU devices (before JAX initialises) and mesh helpers."""
 
+import contextlib
+
 from occult_jax.host_devices import request_cpu_devices
 
 request_cpu_devices(8)  # before JAX initialises its backends
@@ -27,9 +29,31 @@ def cuda_module_text(fn, args, custom_call_targets) -> str:
 
     checks = [export.DisabledSafetyCheck.custom_call(t) for t in custom_call_targets]
     try:
-        exported = export.export(jax.jit(fn), platforms=["cuda"], disabled_checks=checks)(*args)
+        with _verified_triton_modules():
+            exported = export.export(jax.jit(fn), platforms=["cuda"],
+                                     disabled_checks=checks)(*args)
     except RuntimeError as err:  # JAX 0.11 asks the local device for the GPU's capability
         if "No supported GPU devices" in str(err):
             pytest.skip(f"this JAX cannot lower GPU kernels without a GPU: {err}")
         raise
     return exported.mlir_module()
+
+
+@contextlib.contextmanager
+def _verified_triton_modules():
+    """Run MLIR's verifier on every Triton module lowered inside: JAX serialises them
+    unverified and the GPU rejects an invalid one only when it compiles it."""
+    from jax._src.pallas.triton import lowering
+
+    lower = lowering.lower_jaxpr_to_triton_module
+
+    def lower_and_verify(*args, **kwargs):
+        result = lower(*args, **kwargs)
+        result.module.operation.verify()  # raises MLIRError naming the op and source line
+        return result
+
+    lowering.lower_jaxpr_to_triton_module = lower_and_verify
+    try:
+        yield
+    finally:
+        lowering.lower_jaxpr_to_triton_module = lower
