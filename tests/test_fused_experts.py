@@ -345,7 +345,7 @@ def test_fused_kernels_lower_to_triton_for_cuda():
 
 def test_float32_tiles_get_fewer_pipeline_stages():
     """Default tiles hold 3 pipeline stages in shared memory for 16-bit operands; float32
-    operands of the two-weight SwiGLU kernel would overflow it (3 × 80 KiB), so it gets 2 —
+    operands of the two-weight SwiGLU kernel would overflow it (3 × 96 KiB), so it gets 2 —
     visible in the Triton kernel's parameters when lowered for CUDA."""
     t = gm.GatherTiling()
     swiglu_stage = (t.block_m + 2 * t.block_n) * t.block_k
