@@ -210,7 +210,7 @@ def gather_swiglu_grad(d_out, w_down, gate, up, item_weight, item_row, block_gro
     matmul kernel, float32) and hidden_i = silu(gate_i) · up_i as the forward stored it, returns
     d_gate, d_up = the SwiGLU backward of weight_i · g_i, and hidden (all [M, K] in gate's
     dtype), and d_weight [M] = ⟨g_i, hidden_i⟩ in float32. The elementwise part is one XLA
-    fusion: in the kernel's epilogue it ran 4× slower than the matmul itself (H200, Triton).
+    fusion: in the kernel's epilogue it made the kernel 4× slower (H200, Triton).
     """
     g = gather_matmul(d_out, w_down, item_row, block_group, used_blocks, transpose_w=True,
                       tiling=tiling, interpret=interpret)

@@ -86,6 +86,29 @@ def test_gather_swiglu_grad(case):
                                    err_msg=name)
 
 
+@pytest.mark.parametrize("transpose_w", [False, True])
+@pytest.mark.parametrize("case", CASES)
+def test_gather_matmul(case, transpose_w):
+    """out[i] = x[row_i] @ w[e_i] (w read as [N, K] when transposed), float32, zeros for
+    padding items, against float64 NumPy."""
+    rng = np.random.default_rng()
+    rows, pairs, experts, k, n = 29, 3, 4, 48, 32
+    slot = random_slots(rng, rows, pairs, experts, case)
+    plan, item_row, group = plan_arrays(slot, experts, TILING.block_m)
+    x = rng.standard_normal((rows, k)).astype(np.float32)
+    w = rng.standard_normal((experts, k, n)).astype(np.float64)
+    w_arg = np.swapaxes(w, 1, 2) if transpose_w else w
+    got = np.asarray(gm.gather_matmul(jnp.asarray(x), jnp.asarray(w_arg, jnp.float32),
+                                      plan.item_row, plan.block_group, plan.used_blocks,
+                                      transpose_w=transpose_w, tiling=TILING,
+                                      interpret=ON_CPU))
+    want = np.zeros((item_row.shape[0], n))
+    for i in np.nonzero(item_row >= 0)[0]:
+        want[i] = x[item_row[i]] @ w[group[i]]
+    assert got.dtype == np.float32 and not np.isnan(got).any()
+    np.testing.assert_allclose(got, want, rtol=TOL, atol=TOL * max(1.0, np.abs(want).max()))
+
+
 @pytest.mark.parametrize("case", CASES)
 def test_gather_swiglu(case):
     rng = np.random.default_rng()
