@@ -173,8 +173,7 @@ def gather_swiglu(x, w_gate, w_up, item_row, block_group, used_blocks, *,
     out_type = platform.out_struct((m, n), x.dtype, *operands)
     outs = 3 if save_preactivations else 1
     return tuple(_call(kernel, (m // tiling.block_m, n // tiling.block_n), (out_type,) * outs,
-                       tiling,
-                       interpret)(*operands))
+                       tiling, interpret)(*operands))
 
 
 def _gather_matmul_kernel(item_row_ref, block_group_ref, used_ref, x_ref, w_ref, o_ref, *,
