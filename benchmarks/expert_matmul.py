@@ -30,8 +30,9 @@ def parse_args(argv=None):
     p.add_argument("--passes", default="fwd,dx,dw")
     p.add_argument("--impls", default="pallas,mgpu,ragged_dot,einsum")
     p.add_argument("--iters", type=int, default=10)
-    p.add_argument("--sweep", choices=("none", "small"), default="small",
-                   help="tiling sweep for pallas and mgpu (none: defaults only)")
+    p.add_argument("--sweep", choices=("none", "small", "pipeline"), default="small",
+                   help="tiling sweep for pallas and mgpu (none: defaults only; pipeline: our "
+                        "default tiles with each pipelining option, all reported side by side)")
     p.add_argument("--out", default=None, help="write the rows as JSON here")
     return p.parse_args(argv)
 
@@ -41,6 +42,26 @@ def group_sizes(m: int, g: int, seed: int = 0) -> np.ndarray:
     sizes = np.floor(p * m).astype(np.int32)
     sizes[-1] += m - sizes.sum()
     return sizes
+
+
+def our_tilings(gm, pass_: str, k: int, n: int, sweep: str) -> list:
+    """Our kernel's tilings to time: the default first, then the sweep's variants."""
+    if pass_ == "dw":
+        base = gm.tgmm_tiling(k, n)
+        if sweep == "pipeline":
+            return [base]
+        grid = itertools.product((64, 128), (64, 128), (3, 4)) if sweep == "small" else ()
+        return [base] + [dataclasses.replace(base, tile_m=tm, tile_n=tn, stages=st)
+                         for tm, tn, st in grid if n % (2 * tn) == 0]
+    contraction, width = (n, k) if pass_ == "dx" else (k, n)
+    base = gm.gmm_tiling(contraction, width)
+    if sweep == "pipeline":
+        options = (dict(epi_tile=64), dict(chain=True), dict(epi_tile=64, chain=True))
+        return [base] + [gm.gmm_tiling(contraction, width, **o) for o in options]
+    grid = itertools.product((64, 128), (64, 128), (3, 4), (8, 16)) if sweep == "small" else ()
+    return [base] + [dataclasses.replace(base, tile_m=tm, tile_n=tn, stages=st,
+                                         grid_tile_width=gw)
+                     for tm, tn, st, gw in grid if width % (2 * tn) == 0]
 
 
 def bench_shape(spec: str, args) -> list[dict]:
@@ -56,7 +77,7 @@ def bench_shape(spec: str, args) -> list[dict]:
         out, times = profiler.measure(f, iterations=args.iters)(*xs)
         return out, statistics.median(times)
 
-    rows = []
+    rows, timed_variants = [], []
     m, k, n, g = map(int, spec.split("x"))
     keys = jax.random.split(jax.random.key(0), 3)
     x = jax.random.normal(keys[0], (m, k), jnp.bfloat16)
@@ -118,28 +139,13 @@ def bench_shape(spec: str, args) -> list[dict]:
             c["mgpu"] = lst
         if "pallas" in args.impls:
             lst = []
-            small = args.sweep == "small"
-            if pass_ == "dw":
-                base = gm.tgmm_tiling(k, n)
-                variants = [base] + ([dataclasses.replace(base, tile_m=tm_, tile_n=tn_, stages=st)
-                                      for tm_, tn_, st in itertools.product(
-                                          (64, 128), (64, 128), (3, 4))
-                                      if n % (2 * tn_) == 0] if small else [])
-                for t in dict.fromkeys(variants):
-                    lst.append((str(t)[10:], jax.jit(
-                        lambda a, b, c, t=t: gm._tgmm_raw(a, b, c, jnp.bfloat16, "gpu", t))))
-            else:
-                width = k if pass_ == "dx" else n
-                base = gm.gmm_tiling(n if pass_ == "dx" else k, width)
-                variants = [base] + ([dataclasses.replace(base, tile_m=tm_, tile_n=tn_,
-                                                          stages=st, grid_tile_width=gw)
-                                      for tm_, tn_, st, gw in itertools.product(
-                                          (64, 128), (64, 128), (3, 4), (8, 16))
-                                      if width % (2 * tn_) == 0] if small else [])
-                for t in dict.fromkeys(variants):
-                    lst.append((str(t)[9:], jax.jit(
-                        lambda a, b, c, t=t, tr=pass_ == "dx": gm._gmm_raw(
-                            a, b, c, jnp.bfloat16, tr, "gpu", t))))
+            for t in dict.fromkeys(our_tilings(gm, pass_, k, n, args.sweep)):
+                if pass_ == "dw":
+                    fn = lambda a, b, c, t=t: gm._tgmm_raw(a, b, c, jnp.bfloat16, "gpu", t)
+                else:
+                    fn = lambda a, b, c, t=t, tr=pass_ == "dx": gm._gmm_raw(
+                        a, b, c, jnp.bfloat16, tr, "gpu", t)
+                lst.append((str(t)[str(t).index("(") + 1:-1], jax.jit(fn)))
             c["pallas"] = lst
         return c
 
@@ -167,6 +173,9 @@ def bench_shape(spec: str, args) -> list[dict]:
                 if err > 2e-2:  # wrong results never count as the best config
                     print(f"  WRONG RESULT {spec} {pass_} {impl} {label}", file=sys.stderr)
                     continue
+                if args.sweep == "pipeline" and impl == "pallas":
+                    timed_variants.append({"shape": spec, "pass": pass_, "config": label, "ms": ms,
+                                     "tflops": flops / ms / 1e9})
                 if best is None or ms < best[1]:
                     best = (label, ms, err)
             if best is None:
@@ -174,7 +183,7 @@ def bench_shape(spec: str, args) -> list[dict]:
             rows.append({"shape": spec, "pass": pass_, "impl": impl, "config": best[0],
                          "ms": best[1], "tflops": flops / best[1] / 1e9, "max_rel_err": best[2]})
 
-    return rows
+    return rows + [dict(v, impl="pallas variant") for v in timed_variants]
 
 
 def ratio(got: dict, a: str, b: str) -> str:
@@ -198,6 +207,15 @@ def main(argv=None) -> None:
                              for i in args.impls.split(","))
             print(f"{spec:22s} {pass_:4s} {cells}  {ratio(got, 'pallas', 'mgpu')}  "
                   f"{ratio(got, 'pallas', 'einsum')}")
+    variants = [r for r in rows if r["impl"] == "pallas variant"]
+    if variants:
+        print("\nour kernel's pipelining options (x: speed against the default tiling)")
+        for spec in args.shapes.split(","):
+            for pass_ in args.passes.split(","):
+                same = [r for r in variants if r["shape"] == spec and r["pass"] == pass_]
+                for r in same:
+                    print(f"{spec:22s} {pass_:4s} {r['tflops']:6.0f} TFLOP/s "
+                          f"x{same[0]['ms'] / r['ms']:5.2f}  {r['config']}")
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"jax": jax.__version__, "device": jax.devices()[0].device_kind,

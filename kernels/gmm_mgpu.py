@@ -6,7 +6,14 @@ streams ``lhs`` and ``rhs`` tiles through TMA into a ring of shared-memory stage
 warpgroups issue wgmma on their halves of the column tile and accumulate in float32 registers.
 A tile writes back only the rows its group owns, with TMA stores of power-of-two row counts
 (any count below ``2 * tile_m`` is a sum of those). Tiles whose group is empty are not visited;
-rows past the last group are written as zeros.
+rows past the last group are written as zeros, in a second loop after the real tiles.
+
+Two options hide the bubble between tiles: ``chain`` runs one block's consecutive tiles as a
+pipeline of pipelines (the memory warpgroup loads the next tile while the compute warpgroups
+write this one's output), and ``epi_tile`` writes the output in pieces through two staging slots,
+which leaves shared memory for a fourth pipeline stage. (JAX's ``delay_release``, one wgmma left
+in flight, is not usable here: a persistent kernel's next pipeline would refill the stage the
+last wgmma still reads.)
 """
 
 from __future__ import annotations
@@ -34,6 +41,18 @@ class GmmTiling:
     tile_k: int = 64
     stages: int = 4
     grid_tile_width: int = 8
+    chain: bool = False  # needs (K / tile_k) % stages == 0
+    epi_tile: int = 0  # write the output in epi_tile² pieces through two slots (0: whole tile)
+
+    @property
+    def out_tile(self) -> tuple[int, int]:
+        """Shape of one output staging slot."""
+        return (self.epi_tile, self.epi_tile) if self.epi_tile else (self.tile_m, self.tile_n)
+
+    @property
+    def out_slots(self) -> int:
+        """Output staging slots per compute warpgroup (two when written in pieces)."""
+        return 2 if self.epi_tile else 1
 
     @property
     def block_n(self) -> int:
@@ -103,7 +122,6 @@ def gmm_call(
 ) -> jax.Array:
     """Run the kernel: lhs [M, K] (M a multiple of tile_m), rhs [G, K, N] or [G, N, K]."""
     m, k = lhs.shape
-    num_groups = rhs.shape[0]
     n = rhs.shape[1] if transpose_rhs else rhs.shape[2]
     tm, tn, tk = tiling.tile_m, tiling.tile_n, tiling.tile_k
     bn = tiling.block_n
@@ -112,7 +130,11 @@ def gmm_call(
     rhs_block = (bn, tk) if transpose_rhs else (tk, bn)
     rhs_index = (lambda kk: (0, kk)) if transpose_rhs else (lambda kk: (kk, 0))
 
-    def pipeline(body, compute_context):
+    if tiling.chain and k_iters % tiling.stages:
+        raise ValueError(f"chained tiles need (K / tile_k) % stages == 0; got K / tile_k = "
+                         f"{k_iters} and {tiling.stages} stages")
+
+    def pipeline(body, compute_context, state=None):
         return plgpu.emit_pipeline_warp_specialized(
             body,
             grid=(k_iters,),
@@ -127,9 +149,11 @@ def gmm_call(
             num_compute_wgs=2,
             max_concurrent_steps=tiling.stages,
             compute_context=compute_context,
+            pipeline_state=state,
         )
 
-    def kernel(group_ref, block_ref, lo_ref, hi_ref, count_ref, lhs_gmem, rhs_gmem, out_gmem):
+    def kernel(group_ref, block_ref, lo_ref, hi_ref, count_ref, live_ref,
+               lhs_gmem, rhs_gmem, out_gmem):
         def ignore(*_, **__):
             return None
 
@@ -138,34 +162,41 @@ def gmm_call(
         @functools.partial(
             pl.run_scoped,
             allocs=pipeline(ignore, ignore).get_allocations(lhs_gmem, rhs_view),
-            out_smem=plgpu.SMEM((2, tm, tn), out_dtype),
+            out_smem=plgpu.SMEM((2, tiling.out_slots, *tiling.out_tile), out_dtype),
             **interpret_scratch(interpret, (tm, tk), (tk, tn), lhs.dtype),
             collective_axes="wg",
         )
         def _scope(allocs, out_smem, scratch):
             wg = lax.axis_index("wg")
-            count = count_ref[0]
+            live = live_ref[0]
 
-            @plgpu.nd_loop((count * n_iters,), collective_axes="sm")
-            def _tile(info):
-                ti, ni = plgpu.planar_snake(
-                    info.index[0], (count, n_iters), 1, tiling.grid_tile_width
-                )
-                g, lo, hi = group_ref[ti], lo_ref[ti], hi_ref[ti]
-                row0 = block_ref[ti] * tm
+            def write(values, ti, ni):
+                lo, hi, row0 = lo_ref[ti], hi_ref[ti], block_ref[ti] * tm
                 col0 = ni * bn + wg * tn
-                live = g < num_groups
+                em, en = tiling.out_tile
+                slots = tiling.out_slots
+                # Two slots alternate within and across tiles when a row of pieces is even.
+                pending = 1 if slots == 2 and (tn // en) % 2 == 0 else 0
+                for r in range(tm // em):
+                    sub_lo = jnp.clip(lo - r * em, 0, em)
+                    sub_hi = jnp.clip(hi - r * em, 0, em)
 
-                def write(values):
-                    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-                    out_smem[wg] = values.astype(out_dtype)
-                    store_owned_rows(out_smem.at[wg], out_gmem, lo, hi, row0, col0, tm)
+                    @pl.when(sub_hi > sub_lo)
+                    def _rows(r=r, sub_lo=sub_lo, sub_hi=sub_hi):
+                        for c in range(tn // en):
+                            slot = c % slots
+                            plgpu.wait_smem_to_gmem(pending, wait_read_only=True)
+                            piece = values[r * em:(r + 1) * em, c * en:(c + 1) * en]
+                            out_smem[wg, slot] = piece.astype(out_dtype)
+                            store_owned_rows(out_smem.at[wg, slot], out_gmem, sub_lo, sub_hi,
+                                             row0 + r * em, col0 + c * en, em)
 
+            def matmul(ti, ni, state):
                 def compute_context(eval_pipeline):
                     @functools.partial(pl.run_scoped, acc=plgpu.ACC((tm, tn), jnp.float32))
                     def _acc(acc):
                         eval_pipeline(acc)
-                        write(acc[...])
+                        write(acc[...], ti, ni)
 
                 def step(_, a_smem, b_smem, acc):
                     b = b_smem.at[pl.ds(wg * tn, tn)] if transpose_rhs else b_smem.at[
@@ -174,18 +205,41 @@ def gmm_call(
                         scratch=scratch and (scratch[0].at[wg], scratch[1].at[wg]))
                     return acc
 
-                @pl.when(live)
-                def _matmul():
-                    g_rhs = jnp.minimum(g, num_groups - 1)
-                    rhs_g = (rhs_gmem.at[g_rhs, pl.ds(ni * bn, bn)] if transpose_rhs
-                             else rhs_gmem.at[g_rhs, :, pl.ds(ni * bn, bn)])
-                    pipeline(step, compute_context)(
-                        lhs_gmem.at[pl.ds(row0, tm)], rhs_g, allocations=allocs
-                    )
+                rhs_g = (rhs_gmem.at[group_ref[ti], pl.ds(ni * bn, bn)] if transpose_rhs
+                         else rhs_gmem.at[group_ref[ti], :, pl.ds(ni * bn, bn)])
+                pipeline(step, compute_context, state)(
+                    lhs_gmem.at[pl.ds(block_ref[ti] * tm, tm)], rhs_g, allocations=allocs
+                )
 
-                @pl.when(jnp.logical_not(live) & (wg < 2))
+            @plgpu.nd_loop((live * n_iters,), collective_axes="sm")
+            def _tile(info):
+                ti, ni = plgpu.planar_snake(
+                    info.index[0], (live, n_iters), 1, tiling.grid_tile_width
+                )
+                if not tiling.chain:
+                    matmul(ti, ni, None)
+                    return
+                first = info.local_index == 0
+                last = info.local_index == info.num_local_steps - 1
+
+                @pl.when(first & last)
+                def _alone():
+                    matmul(ti, ni, None)
+
+                @pl.when(jnp.logical_not(first & last))
+                def _chained():
+                    state = jnp.where(first, int(plgpu.PipelinePipeline.START),
+                                      jnp.where(last, int(plgpu.PipelinePipeline.STOP),
+                                                int(plgpu.PipelinePipeline.STEADY)))
+                    matmul(ti, ni, state)
+
+            @plgpu.nd_loop(((count_ref[0] - live) * n_iters,), collective_axes="sm")
+            def _zero_tile(info):
+                ti = live + info.index[0] // n_iters
+
+                @pl.when(wg < 2)
                 def _zeros():
-                    write(jnp.zeros((tm, tn), jnp.float32))
+                    write(jnp.zeros((tm, tn), jnp.float32), ti, info.index[0] % n_iters)
 
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 

@@ -53,14 +53,24 @@ def _columns(n: int, what: str) -> int:
                      "pad it or use expert_matmul='ragged_dot'")
 
 
-def gmm_tiling(k: int, n: int, itemsize: int = 2, out_itemsize: int = 2) -> GmmTiling:
-    """Default tiles for a [*, k] @ [k, n] grouped matmul."""
+def gmm_tiling(k: int, n: int, itemsize: int = 2, out_itemsize: int = 2, *,
+               epi_tile: int = 0, chain: bool = False) -> GmmTiling:
+    """Default tiles for a [*, k] @ [k, n] grouped matmul; as many stages as shared memory holds.
+
+    ``chain`` is honoured only where a stage count of at least 2 divides ``k / tile_k``.
+    """
     if k % 64:
         raise ValueError(f"the Pallas grouped matmul needs the contraction size {k} to be a "
                          "multiple of 64; pad it or use expert_matmul='ragged_dot'")
-    t = GmmTiling(tile_n=_columns(n, "the output width"))
+    t = GmmTiling(tile_n=_columns(n, "the output width"), epi_tile=epi_tile)
     stage = (t.tile_m * t.tile_k + t.tile_k * t.block_n) * itemsize
-    stages = _stages(stage, 2 * t.tile_m * t.tile_n * out_itemsize)
+    out_bytes = 2 * t.out_slots * t.out_tile[0] * t.out_tile[1] * out_itemsize
+    stages = _stages(stage, out_bytes)
+    if chain:
+        k_iters = k // t.tile_k
+        fits = [s for s in range(stages, 1, -1) if k_iters % s == 0]
+        if fits:
+            return dataclasses.replace(t, stages=fits[0], chain=True)
     return dataclasses.replace(t, stages=stages)
 
 

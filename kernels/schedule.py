@@ -16,13 +16,15 @@ import jax.numpy as jnp
 
 
 class RowTiles(NamedTuple):
-    """Per-tile group, block index and the [lo, hi) rows of the block it owns; ``count`` used."""
+    """Per-tile group, block index and the [lo, hi) rows of the block it owns; ``count`` tiles
+    are used, the first ``live`` of them belong to real groups (the rest are zero tiles)."""
 
     group: jax.Array  # [max_tiles] int32; G marks a zero tile
     block: jax.Array  # [max_tiles] int32
     lo: jax.Array  # [max_tiles] int32
     hi: jax.Array  # [max_tiles] int32
     count: jax.Array  # [1] int32
+    live: jax.Array  # [1] int32
 
 
 def max_row_tiles(num_rows: int, num_groups: int, tile_m: int) -> int:
@@ -47,13 +49,14 @@ def row_tiles(group_sizes: jax.Array, num_rows: int, tile_m: int) -> RowTiles:
     base = block * tile_m
     lo = jnp.clip(starts[g] - base, 0, tile_m)
     hi = jnp.clip(ends[g] - base, 0, tile_m)
-    live = t < cum[-1]
+    in_use = t < cum[-1]
     return RowTiles(
         group=g,
-        block=jnp.where(live, block, 0).astype(jnp.int32),
-        lo=jnp.where(live, lo, 0).astype(jnp.int32),
-        hi=jnp.where(live, hi, 0).astype(jnp.int32),
+        block=jnp.where(in_use, block, 0).astype(jnp.int32),
+        lo=jnp.where(in_use, lo, 0).astype(jnp.int32),
+        hi=jnp.where(in_use, hi, 0).astype(jnp.int32),
         count=cum[-1:].astype(jnp.int32),
+        live=cum[-2:-1].astype(jnp.int32),
     )
 
 

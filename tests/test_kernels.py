@@ -97,6 +97,39 @@ def test_tgmm_matches_numpy_and_zeroes_empty_groups():
     assert np.all(got[sizes == 0] == 0)
 
 
+@pytest.mark.parametrize("options", [
+    dict(chain=True), dict(epi_tile=64), dict(epi_tile=64, tile_n=128, chain=True),
+])
+def test_gmm_pipeline_options_match_numpy(options):
+    """Chained tiles (a pipeline of pipelines) and outputs written in pieces give the same
+    products; the interpreter runs every tile in one block, so a chain spans all of them."""
+    from kernels.gmm_mgpu import GmmTiling
+    from kernels.grouped_matmul import _gmm_raw, _mode
+
+    rng = np.random.default_rng()
+    m, k, n, g = 333, 256, 256, 5
+    sizes = random_sizes(rng, m, g, empty=1, tail=40)
+    x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
+    w = jnp.asarray(rng.standard_normal((g, k, n)), jnp.bfloat16)
+    tiling = GmmTiling(**{"tile_n": 64, "tile_k": 64, "stages": 2, **options})
+    got = np.asarray(_gmm_raw(x, w, jnp.asarray(sizes), jnp.float32, False, _mode(None), tiling),
+                     np.float64)
+    want = np_gmm(f64(x), f64(w), sizes, False)
+    assert not np.isnan(got).any(), "unwritten output rows"
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4 * np.abs(want).max())
+    assert np.all(got[sizes.sum():] == 0)
+
+
+def test_chained_tiles_need_whole_stage_rounds():
+    from kernels.gmm_mgpu import GmmTiling
+    from kernels.grouped_matmul import _gmm_raw, _mode
+
+    x, w = jnp.ones((128, 192), jnp.bfloat16), jnp.ones((2, 192, 128), jnp.bfloat16)
+    with pytest.raises(ValueError, match="K / tile_k"):
+        _gmm_raw(x, w, jnp.array([64, 64]), jnp.float32, False, _mode(None),
+                 GmmTiling(tile_n=64, tile_k=64, stages=2, chain=True))
+
+
 @pytest.mark.parametrize("routing", ["random", "one_group", "one_row_each"])
 def test_gmm_gradients_match_reference(routing):
     rng = np.random.default_rng()
