@@ -49,7 +49,7 @@ def our_tilings(gm, pass_: str, k: int, n: int, sweep: str) -> list:
     if pass_ == "dw":
         base = gm.tgmm_tiling(k, n)
         if sweep == "pipeline":
-            return [base]
+            return [base, dataclasses.replace(base, stream=True)]
         grid = itertools.product((64, 128), (64, 128), (3, 4)) if sweep == "small" else ()
         return [base] + [dataclasses.replace(base, tile_m=tm, tile_n=tn, stages=st)
                          for tm, tn, st in grid if n % (2 * tn) == 0]

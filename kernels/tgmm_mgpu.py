@@ -32,6 +32,8 @@ class TgmmTiling:
     tile_n: int = 128
     stages: int = 4
     grid_tile_width: int = 8
+    stream: bool = False  # one stream of row blocks across all of a block's tiles
+
 
     @property
     def block_n(self) -> int:
@@ -49,6 +51,9 @@ def tgmm_call(
     interpret: bool,
 ) -> jax.Array:
     """Run the kernel: ``lhs [M, K]``, ``rhs [M, N]`` with M a multiple of ``tile_m``."""
+    if tiling.stream:
+        return _streamed_call(lhs, rhs, blocks, num_groups, out_dtype=out_dtype, tiling=tiling,
+                              interpret=interpret)
     m, k = lhs.shape
     n = rhs.shape[1]
     tm, tk, tn, bn = tiling.tile_m, tiling.tile_k, tiling.tile_n, tiling.block_n
@@ -151,6 +156,139 @@ def tgmm_call(
 
     call = plgpu.kernel(
         kernel,
+        out_type=jax.ShapeDtypeStruct((num_groups, k, n), out_dtype),
+        grid=(platform.num_sms(interpret),),
+        grid_names=("sm",),
+        num_threads=3,
+        thread_name="wg",
+        compiler_params=plgpu.CompilerParams(
+            lowering_semantics=plgpu.LoweringSemantics.Warpgroup
+        ),
+        interpret=platform.interpret_params() if interpret else False,
+    )
+    return call(*blocks, lhs, rhs)
+
+
+def _streamed_call(lhs, rhs, blocks: GroupBlocks, num_groups: int, *, out_dtype,
+                   tiling: TgmmTiling, interpret: bool) -> jax.Array:
+    """``tgmm_call`` with a hand-written warp-specialised pipeline that does not restart per
+    tile: the memory warpgroup streams the row blocks of all of this block's tiles through one
+    ring of stages, so the next tile's first blocks arrive while the compute warpgroups are
+    still writing the current tile's output (``emit_pipeline`` cannot chain dynamic grids)."""
+    k = lhs.shape[1]
+    n = rhs.shape[1]
+    tm, tk, tn, bn = tiling.tile_m, tiling.tile_k, tiling.tile_n, tiling.block_n
+    k_iters, n_iters = k // tk, n // bn
+    stages = tiling.stages
+    lhs_transforms = _smem_transforms(tk, lhs.dtype)
+    rhs_transforms = _smem_transforms(bn, rhs.dtype)
+    out_transforms = _smem_transforms(tn, out_dtype)
+
+    def kernel(start_ref, end_ref, first_ref, nblocks_ref, lhs_gmem, rhs_gmem, out_gmem,
+               lhs_smem, rhs_smem, out_smem, lhs_ready, rhs_ready, consumed, scratch):
+        wg = lax.axis_index("wg")
+
+        def tiles(body):
+            """Loop over this block's (group, K tile, N tile) with a running block count."""
+
+            def tile(info, carry):
+                ki, ni = plgpu.planar_snake(
+                    info.index[1], (k_iters, n_iters), 1, tiling.grid_tile_width
+                )
+                return body(info.index[0], ki, ni, carry)
+
+            return plgpu.nd_loop((num_groups, k_iters * n_iters), collective_axes="sm",
+                                 init_carry=jnp.int32(0))(tile)
+
+        @pl.when(wg == 2)
+        def _memory():
+            plgpu.set_max_registers(40, action="decrease")
+
+            def fetch_tile(g, ki, ni, step0):
+                row0 = first_ref[g] * tm
+
+                def fetch(r, step):
+                    slot = lax.rem(step, stages)
+
+                    @pl.when(step >= stages)
+                    def _wait_free():
+                        plgpu.barrier_wait(consumed.at[slot])
+
+                    rows = pl.ds(row0 + r * tm, tm)
+                    plgpu.copy_gmem_to_smem(lhs_gmem.at[rows, pl.ds(ki * tk, tk)],
+                                            lhs_smem.at[slot], lhs_ready.at[slot])
+                    plgpu.copy_gmem_to_smem(rhs_gmem.at[rows, pl.ds(ni * bn, bn)],
+                                            rhs_smem.at[slot], rhs_ready.at[slot])
+                    return step + 1
+
+                return lax.fori_loop(0, nblocks_ref[g], fetch, step0)
+
+            fetched = tiles(fetch_tile)
+
+            @pl.loop(jnp.maximum(fetched - stages, 0), fetched)
+            def _drain(step):  # observe the last releases, so no barrier phase goes unseen
+                plgpu.barrier_wait(consumed.at[lax.rem(step, stages)])
+
+        @pl.when(wg < 2)
+        def _compute():
+            plgpu.set_max_registers(232, action="increase")
+
+            def reduce_tile(g, ki, ni, step0):
+                nblocks = nblocks_ref[g]
+                row0 = first_ref[g] * tm
+                lo, hi = start_ref[g] - row0, end_ref[g] - row0
+
+                def reduce(acc):
+                    def block(r, step):
+                        slot = lax.rem(step, stages)
+                        plgpu.barrier_wait(lhs_ready.at[slot])
+                        plgpu.barrier_wait(rhs_ready.at[slot])
+                        b = rhs_smem.at[slot, :, pl.ds(wg * tn, tn)]
+
+                        @pl.when((r == 0) | (r == nblocks - 1))
+                        def _mask():
+                            row = lax.broadcasted_iota(jnp.int32, (tm, tn), 0)
+                            if not interpret:  # the interpreter has no layouts
+                                row = plgpu.layout_cast(row, plgpu.Layout.WGMMA)
+                            keep = (row + r * tm >= lo) & (row + r * tm < hi)
+                            b[...] = jnp.where(keep, b[...], jnp.zeros_like(b[...]))
+                            plgpu.commit_smem()
+
+                        mma(acc, lhs_smem.at[slot], b, transpose_a=True, transpose_b=False,
+                            scratch=scratch and (scratch[0].at[wg], scratch[1].at[wg]))
+                        plgpu.barrier_arrive(consumed.at[slot])
+                        return step + 1
+
+                    step = lax.fori_loop(0, nblocks, block, step0)
+                    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+                    out_smem[wg] = acc[...].astype(out_dtype)  # zeros for an empty group
+                    plgpu.commit_smem()
+                    plgpu.copy_smem_to_gmem(
+                        out_smem.at[wg],
+                        out_gmem.at[g, pl.ds(ki * tk, tk), pl.ds(ni * bn + wg * tn, tn)],
+                    )
+                    return step
+
+                return pl.run_scoped(reduce, plgpu.ACC((tk, tn), jnp.float32))
+
+            tiles(reduce_tile)
+            plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+    def entry(*refs):
+        pl.run_scoped(
+            lambda *scoped: kernel(*refs, *scoped),
+            plgpu.SMEM((stages, tm, tk), lhs.dtype, transforms=lhs_transforms),
+            plgpu.SMEM((stages, tm, bn), rhs.dtype, transforms=rhs_transforms),
+            plgpu.SMEM((2, tk, tn), out_dtype, transforms=out_transforms),
+            plgpu.Barrier(num_barriers=stages),
+            plgpu.Barrier(num_barriers=stages),
+            plgpu.Barrier(num_arrivals=2, num_barriers=stages),
+            interpret_scratch(interpret, (tk, tm), (tm, tn), lhs.dtype)["scratch"],
+            collective_axes="wg",
+        )
+
+    call = plgpu.kernel(
+        entry,
         out_type=jax.ShapeDtypeStruct((num_groups, k, n), out_dtype),
         grid=(platform.num_sms(interpret),),
         grid_names=("sm",),
