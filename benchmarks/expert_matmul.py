@@ -49,14 +49,14 @@ def our_tilings(gm, pass_: str, k: int, n: int, sweep: str) -> list:
     if pass_ == "dw":
         base = gm.tgmm_tiling(k, n)
         if sweep == "pipeline":
-            return [base, dataclasses.replace(base, stream=True)]
+            return [base]
         grid = itertools.product((64, 128), (64, 128), (3, 4)) if sweep == "small" else ()
         return [base] + [dataclasses.replace(base, tile_m=tm, tile_n=tn, stages=st)
                          for tm, tn, st in grid if n % (2 * tn) == 0]
     contraction, width = (n, k) if pass_ == "dx" else (k, n)
     base = gm.gmm_tiling(contraction, width)
     if sweep == "pipeline":
-        options = (dict(epi_tile=64), dict(chain=True), dict(epi_tile=64, chain=True))
+        options = (dict(chain=False), dict(epi_tile=0), dict(epi_tile=0, chain=False))
         return [base] + [gm.gmm_tiling(contraction, width, **o) for o in options]
     grid = itertools.product((64, 128), (64, 128), (3, 4), (8, 16)) if sweep == "small" else ()
     return [base] + [dataclasses.replace(base, tile_m=tm, tile_n=tn, stages=st,

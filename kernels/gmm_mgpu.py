@@ -43,6 +43,7 @@ class GmmTiling:
     grid_tile_width: int = 8
     chain: bool = False  # needs (K / tile_k) % stages == 0
     epi_tile: int = 0  # write the output in epi_tile² pieces through two slots (0: whole tile)
+    # (grouped_matmul.gmm_tiling picks chain and 64² pieces where they fit.)
 
     @property
     def out_tile(self) -> tuple[int, int]:

@@ -54,10 +54,11 @@ def _columns(n: int, what: str) -> int:
 
 
 def gmm_tiling(k: int, n: int, itemsize: int = 2, out_itemsize: int = 2, *,
-               epi_tile: int = 0, chain: bool = False) -> GmmTiling:
+               epi_tile: int = 64, chain: bool = True) -> GmmTiling:
     """Default tiles for a [*, k] @ [k, n] grouped matmul; as many stages as shared memory holds.
 
-    ``chain`` is honoured only where a stage count of at least 2 divides ``k / tile_k``.
+    Tiles are chained (``chain``) only where that stage count divides ``k / tile_k``: chaining
+    with fewer stages was slower on H200 (docs/benchmarks.md).
     """
     if k % 64:
         raise ValueError(f"the Pallas grouped matmul needs the contraction size {k} to be a "
@@ -66,12 +67,8 @@ def gmm_tiling(k: int, n: int, itemsize: int = 2, out_itemsize: int = 2, *,
     stage = (t.tile_m * t.tile_k + t.tile_k * t.block_n) * itemsize
     out_bytes = 2 * t.out_slots * t.out_tile[0] * t.out_tile[1] * out_itemsize
     stages = _stages(stage, out_bytes)
-    if chain:
-        k_iters = k // t.tile_k
-        fits = [s for s in range(stages, 1, -1) if k_iters % s == 0]
-        if fits:
-            return dataclasses.replace(t, stages=fits[0], chain=True)
-    return dataclasses.replace(t, stages=stages)
+    chain = chain and (k // t.tile_k) % stages == 0
+    return dataclasses.replace(t, stages=stages, chain=chain)
 
 
 def tgmm_tiling(k: int, n: int, itemsize: int = 2, out_itemsize: int = 2) -> TgmmTiling:

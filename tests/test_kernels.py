@@ -121,9 +121,9 @@ def test_gmm_pipeline_options_match_numpy(options):
 
 
 @pytest.mark.parametrize("stages", [2, 3])
-def test_streamed_tgmm_matches_numpy(stages):
-    """tgmm's hand-written pipeline (one stream of row blocks across tiles, empty groups and
-    one-block groups between them) against float64 NumPy."""
+def test_tgmm_stream_across_tiles_matches_numpy(stages):
+    """tgmm's pipeline is one stream of row blocks across tiles: small rings, empty groups and
+    one-block groups between the others, against float64 NumPy."""
     from kernels.grouped_matmul import _mode, _tgmm_raw
     from kernels.tgmm_mgpu import TgmmTiling
 
@@ -133,7 +133,7 @@ def test_streamed_tgmm_matches_numpy(stages):
     sizes[np.flatnonzero(sizes)[0]] = 3  # a group inside one block
     x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
     y = jnp.asarray(rng.standard_normal((m, n)), jnp.bfloat16)
-    tiling = TgmmTiling(tile_k=64, tile_n=64, stages=stages, stream=True)
+    tiling = TgmmTiling(tile_k=64, tile_n=64, stages=stages)
     got = np.asarray(_tgmm_raw(x, y, jnp.asarray(sizes), jnp.float32, _mode(None), tiling),
                      np.float64)
     want = np_tgmm(f64(x), f64(y), sizes)
