@@ -142,6 +142,29 @@ def test_tgmm_stream_across_tiles_matches_numpy(stages):
     assert np.all(got[sizes == 0] == 0)
 
 
+@pytest.mark.skipif(jax.default_backend() != "gpu",
+                    reason="needs a GPU: enough tiles for every block to chain several (the "
+                           "interpreter runs one block, covered by the tests above)")
+def test_many_tiles_per_block_match_numpy_on_gpu():
+    """With ~10 row tiles per SM, gmm's chained pipelines and tgmm's stream run START, STEADY
+    and STOP on every block, with group boundaries and empty groups among them."""
+    rng = np.random.default_rng()
+    m, k, n, g = 131072, 1024, 512, 48
+    sizes = random_sizes(rng, m, g, empty=3, tail=300)
+    x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
+    w = jnp.asarray(rng.standard_normal((g, k, n)), jnp.bfloat16)
+    dy = jnp.asarray(rng.standard_normal((m, n)), jnp.bfloat16)
+    gs = jnp.asarray(sizes)
+    # bf16 output: the tiling that chains (float32 staging leaves room for 3 stages, not 4).
+    assert gm.gmm_tiling(k, n).chain
+    got = f64(gm.gmm(x, w, gs))
+    want = np_gmm(f64(x), f64(w), sizes, False)
+    np.testing.assert_allclose(got, want, rtol=1e-2, atol=1e-2 * np.abs(want).max())
+    got = np.asarray(gm.tgmm(x, dy, gs, preferred_element_type=jnp.float32), np.float64)
+    want = np_tgmm(f64(x), f64(dy), sizes)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4 * np.abs(want).max())
+
+
 def test_chained_tiles_need_whole_stage_rounds():
     from kernels.gmm_mgpu import GmmTiling
     from kernels.grouped_matmul import _gmm_raw, _mode
