@@ -174,8 +174,8 @@ def bench_shape(spec: str, args) -> list[dict]:
                     print(f"  WRONG RESULT {spec} {pass_} {impl} {label}", file=sys.stderr)
                     continue
                 if args.sweep == "pipeline" and impl == "pallas":
-                    timed_variants.append({"shape": spec, "pass": pass_, "config": label, "ms": ms,
-                                     "tflops": flops / ms / 1e9})
+                    timed_variants.append({"shape": spec, "pass": pass_, "config": label,
+                                           "ms": ms, "tflops": flops / ms / 1e9})
                 if best is None or ms < best[1]:
                     best = (label, ms, err)
             if best is None:

@@ -56,6 +56,8 @@ def test_row_tiles_cover_each_row_once_with_its_group(seed):
             rows = t.block[i] * tile + np.arange(t.lo[i], t.hi[i])
             assert np.all(owner[rows] == -2), "row written twice"
             owner[rows] = t.group[i]
+        assert np.all(t.group[:t.live[0]] < g) and np.all(t.group[t.live[0]:t.count[0]] == g), \
+            "real tiles first, then the zero tiles"
         want = np.concatenate([np.repeat(np.arange(g), sizes), np.full(m - sizes.sum(), g)])
         np.testing.assert_array_equal(owner, want)
         assert t.count[0] <= schedule.max_row_tiles(m, g, tile)
@@ -146,8 +148,9 @@ def test_tgmm_stream_across_tiles_matches_numpy(stages):
                     reason="needs a GPU: enough tiles for every block to chain several (the "
                            "interpreter runs one block, covered by the tests above)")
 def test_many_tiles_per_block_match_numpy_on_gpu():
-    """With ~10 row tiles per SM, gmm's chained pipelines and tgmm's stream run START, STEADY
-    and STOP on every block, with group boundaries and empty groups among them."""
+    """With ~16 gmm tiles and ~6 tgmm tiles per SM (132 SMs), gmm's chained pipelines and
+    tgmm's stream run START, STEADY and STOP on every block, with group boundaries and empty
+    groups among them."""
     rng = np.random.default_rng()
     m, k, n, g = 131072, 1024, 512, 48
     sizes = random_sizes(rng, m, g, empty=3, tail=300)
