@@ -178,10 +178,24 @@ def test_chained_tiles_need_whole_stage_rounds():
                  GmmTiling(tile_n=64, tile_k=64, stages=2, chain=True))
 
 
-@pytest.mark.parametrize("routing", ["random", "one_group", "one_row_each"])
-def test_gmm_gradients_match_reference(routing):
+@pytest.mark.parametrize("routing,tiles", [
+    ("random", "default"), ("one_group", "default"), ("one_row_each", "default"),
+    ("random", "options"),
+])
+def test_gmm_gradients_match_reference(routing, tiles, monkeypatch):
+    """Forward, dX and dW through the custom VJP against XLA's ragged_dot; "options" runs the
+    kernels with chained tiles (forward) and output in pieces (forward, dX), which this small
+    shape does not get by default, and tgmm with a 2-stage ring."""
+    from kernels.gmm_mgpu import GmmTiling
+    from kernels.tgmm_mgpu import TgmmTiling
+
     rng = np.random.default_rng()
     m, k, n, g = 256, 128, 128, 4
+    if tiles == "options":
+        monkeypatch.setattr(gm, "gmm_tiling", lambda k, *a, **kw: GmmTiling(
+            tile_n=32, tile_k=64, stages=2, chain=(k // 64) % 2 == 0, epi_tile=32))
+        monkeypatch.setattr(gm, "tgmm_tiling", lambda *a, **kw: TgmmTiling(
+            tile_k=64, tile_n=32, stages=2))
     sizes = {"random": random_sizes(rng, m, g),
              "one_group": np.eye(g, dtype=np.int32)[rng.integers(g)] * m,
              "one_row_each": np.array([1] * (g - 1) + [m - g + 1], np.int32)}[routing]
