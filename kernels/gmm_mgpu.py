@@ -244,16 +244,6 @@ def gmm_call(
 
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
-    call = plgpu.kernel(
-        kernel,
-        out_type=jax.ShapeDtypeStruct((m, n), out_dtype),
-        grid=(platform.num_sms(interpret),),
-        grid_names=("sm",),
-        num_threads=3,
-        thread_name="wg",
-        compiler_params=plgpu.CompilerParams(
-            lowering_semantics=plgpu.LoweringSemantics.Warpgroup
-        ),
-        interpret=platform.interpret_params() if interpret else False,
-    )
+    call = platform.warp_specialized_kernel(
+        kernel, jax.ShapeDtypeStruct((m, n), out_dtype), interpret=interpret)
     return call(*tiles, lhs, rhs)

@@ -31,6 +31,25 @@ def num_sms(interpret: bool) -> int:
     return int(getattr(jax.devices()[0], "core_count", 132) or 132)
 
 
+def warp_specialized_kernel(body, out_type: jax.ShapeDtypeStruct, *, interpret: bool):
+    """A persistent Mosaic GPU kernel: one block per SM (axis "sm"), three warpgroups (axis
+    "wg": two compute, one memory), warpgroup semantics; interpreted on CPU."""
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    return plgpu.kernel(
+        body,
+        out_type=out_type,
+        grid=(num_sms(interpret),),
+        grid_names=("sm",),
+        num_threads=3,
+        thread_name="wg",
+        compiler_params=plgpu.CompilerParams(
+            lowering_semantics=plgpu.LoweringSemantics.Warpgroup
+        ),
+        interpret=interpret_params() if interpret else False,
+    )
+
+
 def varying_axes(x: jax.Array) -> frozenset:
     """The shard_map axes x varies over (empty outside shard_map)."""
     aval = jax.typeof(x)

@@ -164,16 +164,6 @@ def tgmm_call(
             collective_axes="wg",
         )
 
-    call = plgpu.kernel(
-        entry,
-        out_type=jax.ShapeDtypeStruct((num_groups, k, n), out_dtype),
-        grid=(platform.num_sms(interpret),),
-        grid_names=("sm",),
-        num_threads=3,
-        thread_name="wg",
-        compiler_params=plgpu.CompilerParams(
-            lowering_semantics=plgpu.LoweringSemantics.Warpgroup
-        ),
-        interpret=platform.interpret_params() if interpret else False,
-    )
+    call = platform.warp_specialized_kernel(
+        entry, jax.ShapeDtypeStruct((num_groups, k, n), out_dtype), interpret=interpret)
     return call(*blocks, lhs, rhs)
