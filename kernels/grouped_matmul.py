@@ -9,7 +9,9 @@
   weight tiles are not (Mosaic refuses the lowering).
 
 ``gmm`` is a ``jax.custom_vjp``: d lhs = gmm(d out, rhs transposed), d rhs = tgmm(lhs, d out).
-Rows past ``sum(group_sizes)`` give zero outputs and receive zero gradients.
+Rows past ``sum(group_sizes)`` give zero outputs and receive zero gradients. ``gather_gmm`` is
+``gmm`` of ``x[rows]`` whose GPU kernel reads the rows through the index vector
+(``gather_gmm_mgpu``); its x gradient is a scatter-add of the transposed product into ``rows``.
 """
 
 from __future__ import annotations
@@ -178,6 +180,50 @@ def tgmm(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *,
     """``out[g] = lhs[rows of g].T @ rhs[rows of g]``: lhs [M, K], rhs [M, N] → [G, K, N]."""
     out_dtype = jnp.dtype(preferred_element_type or lhs.dtype)
     return _tgmm_raw(lhs, rhs, group_sizes.astype(jnp.int32), out_dtype, _mode(interpret))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _gather_gmm(x, rows, rhs, group_sizes, out_dtype, mode):
+    if mode != "gpu" or x.dtype.itemsize != 2 or rhs.shape[1] % 64:
+        return _gmm_raw(x[rows], rhs, group_sizes, out_dtype, False, mode)
+    from kernels.gather_gmm_mgpu import gather_gmm_call
+
+    _check(x, rhs, group_sizes, False)
+    m = rows.shape[0]
+    tiling = gmm_tiling(x.shape[1], rhs.shape[2], x.dtype.itemsize, jnp.dtype(out_dtype).itemsize)
+    rows_p = jnp.pad(rows, (0, -m % ROW_MULTIPLE))
+    tiles = schedule.row_tiles(group_sizes, rows_p.shape[0], tiling.tile_m)
+    out = gather_gmm_call(x, rows_p, rhs, tiles, out_dtype=out_dtype, tiling=tiling)
+    return platform.vary_like(out[:m], x, rows, rhs, group_sizes)
+
+
+def _gather_gmm_fwd(x, rows, rhs, group_sizes, out_dtype, mode):
+    out = _gather_gmm(x, rows, rhs, group_sizes, out_dtype, mode)
+    return out, (x, rows, rhs, group_sizes)
+
+
+def _gather_gmm_bwd(out_dtype, mode, residuals, d_out):
+    x, rows, rhs, group_sizes = residuals
+    d_out = d_out.astype(x.dtype)
+    d_items = _gmm_raw(d_out, rhs, group_sizes, jnp.float32, True, mode)  # zero past the groups
+    d_x = jnp.zeros(x.shape, jnp.float32).at[rows].add(d_items).astype(x.dtype)
+    d_rhs = _tgmm_raw(x[rows], d_out, group_sizes, rhs.dtype, mode)
+    return d_x, None, d_rhs, None
+
+
+_gather_gmm.defvjp(_gather_gmm_fwd, _gather_gmm_bwd)
+
+
+def gather_gmm(x: jax.Array, rows: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *,
+               preferred_element_type=None, interpret: bool | None = None) -> jax.Array:
+    """``gmm(x[rows], rhs, group_sizes)`` without materialising ``x[rows]`` on GPU: x [T, K],
+    rows [M] (items sorted by group), rhs [G, K, N] → [M, N]. Rows are clamped into [0, T)."""
+    if rows.ndim != 1 or x.ndim != 2:
+        raise ValueError(f"gather_gmm wants x [T, K] and rows [M]; got {x.shape}, {rows.shape}")
+    out_dtype = jnp.dtype(preferred_element_type or x.dtype)
+    rows = jnp.clip(rows.astype(jnp.int32), 0, x.shape[0] - 1)  # a bad index never reads wild
+    rhs = platform.vary_like(rhs, x)
+    return _gather_gmm(x, rows, rhs, group_sizes.astype(jnp.int32), out_dtype, _mode(interpret))
 
 
 def flops(m: int, k: int, n: int) -> int:
