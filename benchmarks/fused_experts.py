@@ -11,7 +11,10 @@ inputs and must agree:
   fused            kernels/fused_experts.py (rows read through the item index, pre-combine in
                    the down matmul's epilogue); --sweep tries a few tilings, the best counts
   <expert_matmul>  dispatch.compute_experts with that backend: expand_rows → 3 grouped matmuls
-                   → reduce_rows (e.g. pallas, blocked, ragged_dot)
+                   → reduce_rows (e.g. blocked, ragged_dot); for pallas the gate and up
+                   products read the rows through the item index (gather_gmm) instead
+  pallas-copy      the pallas path as it was before gather_gmm: expand_rows → 3 gmm →
+                   reduce_rows
 
 Times are wall-clock medians of --iters synchronised calls after two warm-ups. --smoke runs a
 tiny shape (works on CPU: the fused kernels run in the Pallas interpreter there).
@@ -127,7 +130,9 @@ def bench_case(shape: str, n: int, tilings, timed, args, every_row: list) -> lis
 
     from kernels.fused_experts import fused_swiglu_combine
     from occult_jax.dispatch import ExpertWeights, compute_experts
+    from occult_jax.experts import grouped_swiglu, row_layout
     from occult_jax.plan import make_expert_plan
+    from occult_jax.row_maps import expand_rows, reduce_rows
 
     dtype = jnp.dtype(args.dtype)
     e, k, d, f = SHAPES[shape]
@@ -147,7 +152,17 @@ def bench_case(shape: str, n: int, tilings, timed, args, every_row: list) -> lis
     flops = 3 * 2 * items * d * f  # three matmuls over the (row, expert) items
 
     def separate(backend):
+        if backend == "pallas-copy":
+            return copy_then_gmm
         return lambda x, sw, ws: compute_experts(x, slot, sw, ws, backend)
+
+    def copy_then_gmm(x, sw, ws):
+        plan = make_expert_plan(slot, local, *row_layout("pallas"))
+        w_items = jnp.where(plan.item_pair >= 0, jnp.take(
+            sw.reshape(-1), jnp.maximum(plan.item_pair, 0)), 0.0)
+        x_items = expand_rows(x, plan.item_row, plan.row_items)
+        y_items = grouped_swiglu(x_items, plan, ws.w_gate, ws.w_up, ws.w_down, "pallas")
+        return reduce_rows(y_items, plan.row_items, plan.item_row, w_items)
 
     def fused(tiling):
         def fn(x, sw, ws):

@@ -105,14 +105,22 @@ def swiglu_combine(rows: jax.Array, items: ExpertPlan, item_weight: jax.Array,
     """Received rows [R, d] → Σ over each row's items of item_weight · SwiGLU_expert(row).
 
     "fused": one set of kernels reads the rows through the plan and pre-combines in float32
-    (kernels/fused_experts.py). Otherwise: copy rows into item order, grouped SwiGLU, then a
-    weighted gather-sum back to rows.
+    (kernels/fused_experts.py). "pallas": the gate and up products read the rows through the
+    plan (``gather_gmm``), the down product is a grouped matmul, then a weighted gather-sum back
+    to rows. Otherwise: copy rows into item order, grouped SwiGLU, weighted gather-sum.
     """
     if backend == "fused":
         from kernels.fused_experts import fused_swiglu_combine
 
         return fused_swiglu_combine(rows, w_gate, w_up, w_down, item_weight, items.item_row,
                                     items.block_group, items.used_blocks, items.group_sizes)
+    if backend == "pallas":
+        from kernels.grouped_matmul import gather_gmm
+
+        gate = gather_gmm(rows, items.item_row, w_gate, items.group_sizes)
+        up = gather_gmm(rows, items.item_row, w_up, items.group_sizes)
+        y_items = grouped_matmul(jax.nn.silu(gate) * up, w_down, items, backend)
+        return reduce_rows(y_items, items.row_items, items.item_row, item_weight)
     x_items = expand_rows(rows, items.item_row, items.row_items)
     y_items = grouped_swiglu(x_items, items, w_gate, w_up, w_down, backend)
     return reduce_rows(y_items, items.row_items, items.item_row, item_weight)
