@@ -182,8 +182,8 @@ def tgmm(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *,
     return _tgmm_raw(lhs, rhs, group_sizes.astype(jnp.int32), out_dtype, _mode(interpret))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def _gather_gmm(x, rows, rhs, group_sizes, out_dtype, mode):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def _gather_gmm(x, rows, row_items, rhs, group_sizes, out_dtype, mode):
     if mode != "gpu" or x.dtype.itemsize != 2 or rhs.shape[1] % 64:
         return _gmm_raw(x[rows], rhs, group_sizes, out_dtype, False, mode)
     from kernels.gather_gmm_mgpu import gather_gmm_call
@@ -197,33 +197,46 @@ def _gather_gmm(x, rows, rhs, group_sizes, out_dtype, mode):
     return platform.vary_like(out[:m], x, rows, rhs, group_sizes)
 
 
-def _gather_gmm_fwd(x, rows, rhs, group_sizes, out_dtype, mode):
-    out = _gather_gmm(x, rows, rhs, group_sizes, out_dtype, mode)
-    return out, (x, rows, rhs, group_sizes)
+def _gather_gmm_fwd(x, rows, row_items, rhs, group_sizes, out_dtype, mode):
+    out = _gather_gmm(x, rows, row_items, rhs, group_sizes, out_dtype, mode)
+    return out, (x, rows, row_items, rhs, group_sizes)
 
 
 def _gather_gmm_bwd(out_dtype, mode, residuals, d_out):
-    x, rows, rhs, group_sizes = residuals
+    x, rows, row_items, rhs, group_sizes = residuals
     d_out = d_out.astype(x.dtype)
     d_items = _gmm_raw(d_out, rhs, group_sizes, jnp.float32, True, mode)  # zero past the groups
-    d_x = jnp.zeros(x.shape, jnp.float32).at[rows].add(d_items).astype(x.dtype)
+    if row_items is None:
+        d_x = jnp.zeros(x.shape, jnp.float32).at[rows].add(d_items)
+    else:  # a gather-sum over each row's items: no scatter (slow on GPU with repeats)
+        picked = jnp.take(d_items, jnp.maximum(row_items, 0), axis=0)  # [T, P, N]
+        d_x = jnp.sum(jnp.where((row_items >= 0)[..., None], picked, 0.0), axis=1)
     d_rhs = _tgmm_raw(x[rows], d_out, group_sizes, rhs.dtype, mode)
-    return d_x, None, d_rhs, None
+    return d_x.astype(x.dtype), None, None, d_rhs, None
 
 
 _gather_gmm.defvjp(_gather_gmm_fwd, _gather_gmm_bwd)
 
 
 def gather_gmm(x: jax.Array, rows: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *,
-               preferred_element_type=None, interpret: bool | None = None) -> jax.Array:
+               row_items: jax.Array | None = None, preferred_element_type=None,
+               interpret: bool | None = None) -> jax.Array:
     """``gmm(x[rows], rhs, group_sizes)`` without materialising ``x[rows]`` on GPU: x [T, K],
-    rows [M] (items sorted by group), rhs [G, K, N] → [M, N]. Rows are clamped into [0, T)."""
+    rows [M] (items sorted by group), rhs [G, K, N] → [M, N]. Rows are clamped into [0, T).
+
+    ``row_items`` [T, P] (optional): the items that read each row, -1 for none; with it, the
+    x gradient is a gather-sum over them instead of a scatter-add into ``rows``.
+    """
     if rows.ndim != 1 or x.ndim != 2:
         raise ValueError(f"gather_gmm wants x [T, K] and rows [M]; got {x.shape}, {rows.shape}")
+    if row_items is not None and (row_items.ndim != 2 or row_items.shape[0] != x.shape[0]):
+        raise ValueError(f"gather_gmm: row_items must be [T, P] with T={x.shape[0]}; got "
+                         f"{row_items.shape}")
     out_dtype = jnp.dtype(preferred_element_type or x.dtype)
     rows = jnp.clip(rows.astype(jnp.int32), 0, x.shape[0] - 1)  # a bad index never reads wild
     rhs = platform.vary_like(rhs, x)
-    return _gather_gmm(x, rows, rhs, group_sizes.astype(jnp.int32), out_dtype, _mode(interpret))
+    return _gather_gmm(x, rows, row_items, rhs, group_sizes.astype(jnp.int32), out_dtype,
+                       _mode(interpret))
 
 
 def flops(m: int, k: int, n: int) -> int:

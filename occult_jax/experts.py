@@ -117,8 +117,10 @@ def swiglu_combine(rows: jax.Array, items: ExpertPlan, item_weight: jax.Array,
     if backend == "pallas":
         from kernels.grouped_matmul import gather_gmm
 
-        gate = gather_gmm(rows, items.item_row, w_gate, items.group_sizes)
-        up = gather_gmm(rows, items.item_row, w_up, items.group_sizes)
+        f = w_gate.shape[2]  # gate and up as one product: the rows are gathered once
+        gate_up = gather_gmm(rows, items.item_row, jnp.concatenate([w_gate, w_up], axis=2),
+                             items.group_sizes, row_items=items.row_items)
+        gate, up = gate_up[:, :f], gate_up[:, f:]
         y_items = grouped_matmul(jax.nn.silu(gate) * up, w_down, items, backend)
         return reduce_rows(y_items, items.row_items, items.item_row, item_weight)
     x_items = expand_rows(rows, items.item_row, items.row_items)

@@ -39,10 +39,22 @@ def reference(x, rows, w, sizes):
                     np_gmm(x[rows], w, sizes), 0.0)
 
 
-@pytest.mark.parametrize("kind", ["random", "one_row", "one_group"])
-def test_gather_gmm_values_and_gradients(kind):
-    """Forward, d x (a scatter-add over the items that read each row) and d w against float64
-    NumPy, at a size the interpreter runs on CPU and the compiled kernel on a GPU."""
+def items_of_rows(rows, sizes, t):
+    """[t, P]: the used items that read each row, -1 padded (the plan's row_items)."""
+    used = np.flatnonzero(np.arange(rows.size) < sizes.sum())
+    per_row = [used[rows[used] == r] for r in range(t)]
+    out = np.full((t, max(1, max(map(len, per_row)))), -1, np.int32)
+    for r, its in enumerate(per_row):
+        out[r, :len(its)] = its
+    return out
+
+
+@pytest.mark.parametrize("kind,inverse", [("random", False), ("one_row", False),
+                                          ("one_group", False), ("random", True)])
+def test_gather_gmm_values_and_gradients(kind, inverse):
+    """Forward, d x (a scatter-add into rows, or with ``row_items`` a gather-sum over each
+    row's items) and d w against float64 NumPy, at a size the interpreter runs on CPU and the
+    compiled kernel on a GPU."""
     rng = np.random.default_rng()
     t, m, k, n, g = (4096, 20000, 512, 1024, 12) if ON_GPU else (96, 300, 128, 256, 5)
     rows, sizes = routing(rng, kind, t, m, g)
@@ -50,8 +62,10 @@ def test_gather_gmm_values_and_gradients(kind):
     w = jnp.asarray(rng.standard_normal((g, k, n)) / np.sqrt(k), jnp.bfloat16)
     cot = jnp.asarray(rng.standard_normal((m, n)), jnp.float32)
 
+    row_items = jnp.asarray(items_of_rows(rows, sizes, t)) if inverse else None
+
     def loss(x, w):
-        out = gm.gather_gmm(x, jnp.asarray(rows), w, jnp.asarray(sizes),
+        out = gm.gather_gmm(x, jnp.asarray(rows), w, jnp.asarray(sizes), row_items=row_items,
                             preferred_element_type=jnp.float32)
         return jnp.sum(out * cot), out
 
@@ -82,7 +96,7 @@ def test_gather_gmm_lowers_for_cuda():
     t, m, k, n, g = 512, 1000, 256, 512, 8
 
     def forward(x, rows, w, sizes):
-        return gm._gather_gmm(x, rows, w, sizes, x.dtype, "gpu")
+        return gm._gather_gmm(x, rows, None, w, sizes, x.dtype, "gpu")
 
     def loss(x, rows, w, sizes):
         return jnp.sum(forward(x, rows, w, sizes).astype(jnp.float32))
