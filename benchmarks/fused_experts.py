@@ -15,6 +15,7 @@ inputs and must agree:
                    products read the rows through the item index (gather_gmm) instead
   pallas-copy      the pallas path as it was before gather_gmm: expand_rows → 3 gmm →
                    reduce_rows
+  pallas-split     the pallas path with gate and up as two gather_gmm calls (not one)
 
 Times are wall-clock medians of --iters synchronised calls after two warm-ups. --smoke runs a
 tiny shape (works on CPU: the fused kernels run in the Pallas interpreter there).
@@ -51,6 +52,8 @@ def parse_args(argv=None):
     p.add_argument("--only", default="", help="with --breakdown: these kernels only")
     p.add_argument("--breakdown", action="store_true",
                    help="time each fused kernel alone (forward 2, backward 5) per tiling")
+    p.add_argument("--profile", action="store_true",
+                   help="print each variant's top GPU ops of a forward+backward step")
     p.add_argument("--smoke", action="store_true", help="tiny shape, 2 iterations (CPU check)")
     p.add_argument("--out", default=None)
     return p.parse_args(argv)
@@ -129,6 +132,7 @@ def bench_case(shape: str, n: int, tilings, timed, args, every_row: list) -> lis
     import jax.numpy as jnp
 
     from kernels.fused_experts import fused_swiglu_combine
+    from kernels.grouped_matmul import gather_gmm, gmm
     from occult_jax.dispatch import ExpertWeights, compute_experts
     from occult_jax.experts import grouped_swiglu, row_layout
     from occult_jax.plan import make_expert_plan
@@ -154,7 +158,18 @@ def bench_case(shape: str, n: int, tilings, timed, args, every_row: list) -> lis
     def separate(backend):
         if backend == "pallas-copy":
             return copy_then_gmm
+        if backend == "pallas-split":
+            return split_gather
         return lambda x, sw, ws: compute_experts(x, slot, sw, ws, backend)
+
+    def split_gather(x, sw, ws):
+        plan = make_expert_plan(slot, local, *row_layout("pallas"))
+        w_items = jnp.where(plan.item_pair >= 0, jnp.take(
+            sw.reshape(-1), jnp.maximum(plan.item_pair, 0)), 0.0)
+        gate, up = (gather_gmm(x, plan.item_row, w, plan.group_sizes, row_items=plan.row_items)
+                    for w in (ws.w_gate, ws.w_up))
+        y_items = gmm(jax.nn.silu(gate) * up, ws.w_down, plan.group_sizes)
+        return reduce_rows(y_items, plan.row_items, plan.item_row, w_items)
 
     def copy_then_gmm(x, sw, ws):
         plan = make_expert_plan(slot, local, *row_layout("pallas"))
@@ -192,6 +207,12 @@ def bench_case(shape: str, n: int, tilings, timed, args, every_row: list) -> lis
             print(f"  {shape} N={n} {name} {label}: {type(err).__name__}: {str(err)[:160]}",
                   file=sys.stderr)
             continue
+        if args.profile:
+            from profile_ops import top_ops
+
+            print(f"\n{shape} N={n} {name} {label}: top GPU ops of a forward+backward step")
+            for _, op, ms in top_ops(step, x, slot_weight, weights, top=14):
+                print(f"  {ms:7.3f} ms  {op[:100]}")
         want = y if want is None else want
         diff = float(np.abs(y - want).max() / max(np.abs(want).max(), 1e-9))
         row = {"shape": shape, "devices": n, "ct": ct, "rows": int(x.shape[0]),

@@ -205,11 +205,11 @@ def _gather_gmm_fwd(x, rows, row_items, rhs, group_sizes, out_dtype, mode):
 def _gather_gmm_bwd(out_dtype, mode, residuals, d_out):
     x, rows, row_items, rhs, group_sizes = residuals
     d_out = d_out.astype(x.dtype)
-    d_items = _gmm_raw(d_out, rhs, group_sizes, jnp.float32, True, mode)  # zero past the groups
+    d_items = _gmm_raw(d_out, rhs, group_sizes, x.dtype, True, mode)  # zero past the groups
     if row_items is None:
-        d_x = jnp.zeros(x.shape, jnp.float32).at[rows].add(d_items)
+        d_x = jnp.zeros(x.shape, jnp.float32).at[rows].add(d_items.astype(jnp.float32))
     else:  # a gather-sum over each row's items: no scatter (slow on GPU with repeats)
-        picked = jnp.take(d_items, jnp.maximum(row_items, 0), axis=0)  # [T, P, N]
+        picked = jnp.take(d_items, jnp.maximum(row_items, 0), axis=0).astype(jnp.float32)
         d_x = jnp.sum(jnp.where((row_items >= 0)[..., None], picked, 0.0), axis=1)
     d_rhs = _tgmm_raw(x[rows], d_out, group_sizes, rhs.dtype, mode)
     return d_x.astype(x.dtype), None, None, d_rhs, None
