@@ -135,7 +135,7 @@ def bench_case(shape: str, n: int, tilings, timed, args, every_row: list) -> lis
     from kernels.grouped_matmul import gather_gmm, gmm
     from occult_jax.dispatch import ExpertWeights, compute_experts
     from occult_jax.experts import grouped_swiglu, row_layout
-    from occult_jax.plan import make_expert_plan
+    from occult_jax.plan import item_weights, make_expert_plan
     from occult_jax.row_maps import expand_rows, reduce_rows
 
     dtype = jnp.dtype(args.dtype)
@@ -164,8 +164,7 @@ def bench_case(shape: str, n: int, tilings, timed, args, every_row: list) -> lis
 
     def split_gather(x, sw, ws):
         plan = make_expert_plan(slot, local, *row_layout("pallas"))
-        w_items = jnp.where(plan.item_pair >= 0, jnp.take(
-            sw.reshape(-1), jnp.maximum(plan.item_pair, 0)), 0.0)
+        w_items = item_weights(plan, sw)
         gate, up = (gather_gmm(x, plan.item_row, w, plan.group_sizes, row_items=plan.row_items)
                     for w in (ws.w_gate, ws.w_up))
         y_items = gmm(jax.nn.silu(gate) * up, ws.w_down, plan.group_sizes)
@@ -173,8 +172,7 @@ def bench_case(shape: str, n: int, tilings, timed, args, every_row: list) -> lis
 
     def copy_then_gmm(x, sw, ws):
         plan = make_expert_plan(slot, local, *row_layout("pallas"))
-        w_items = jnp.where(plan.item_pair >= 0, jnp.take(
-            sw.reshape(-1), jnp.maximum(plan.item_pair, 0)), 0.0)
+        w_items = item_weights(plan, sw)
         x_items = expand_rows(x, plan.item_row, plan.row_items)
         y_items = grouped_swiglu(x_items, plan, ws.w_gate, ws.w_up, ws.w_down, "pallas")
         return reduce_rows(y_items, plan.row_items, plan.item_row, w_items)
@@ -182,8 +180,7 @@ def bench_case(shape: str, n: int, tilings, timed, args, every_row: list) -> lis
     def fused(tiling):
         def fn(x, sw, ws):
             plan = make_expert_plan(slot, local, tiling.block_m, tiling.block_m)
-            w_items = jnp.where(plan.item_pair >= 0, jnp.take(
-                sw.reshape(-1), jnp.maximum(plan.item_pair, 0)), 0.0)
+            w_items = item_weights(plan, sw)
             return fused_swiglu_combine(x, ws.w_gate, ws.w_up, ws.w_down, w_items,
                                         plan.item_row, plan.block_group, plan.used_blocks,
                                         plan.group_sizes, tiling=tiling)

@@ -24,7 +24,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from kernels import platform
-from kernels.gmm_mgpu import GmmTiling, _smem_transforms, store_owned_rows
+from kernels.gmm_mgpu import GmmTiling, _smem_transforms, write_owned_rows
 from kernels.schedule import RowTiles
 
 WARPGROUP = 128
@@ -186,23 +186,8 @@ def gather_gmm_call(
                 plgpu.barrier_wait(consumed.at[lax.rem(step, stages)])
 
         def write(values, ti, ni):
-            lo, hi, row0 = lo_ref[ti], hi_ref[ti], block_ref[ti] * tm
-            col0 = ni * bn + wg * tn
-            em, en = tiling.out_tile
-            pending = 1 if (tn // en) % 2 == 0 else 0  # slots alternate within and across tiles
-            for r in range(tm // em):
-                sub_lo = jnp.clip(lo - r * em, 0, em)
-                sub_hi = jnp.clip(hi - r * em, 0, em)
-
-                @pl.when(sub_hi > sub_lo)
-                def _rows(r=r, sub_lo=sub_lo, sub_hi=sub_hi):
-                    for c in range(tn // en):
-                        slot = c % 2
-                        plgpu.wait_smem_to_gmem(pending, wait_read_only=True)
-                        piece = values[r * em:(r + 1) * em, c * en:(c + 1) * en]
-                        out_smem[wg, slot] = piece.astype(out_dtype)
-                        store_owned_rows(out_smem.at[wg, slot], out_gmem, sub_lo, sub_hi,
-                                         row0 + r * em, col0 + c * en, em)
+            write_owned_rows(values, out_smem.at[wg], out_gmem, lo_ref[ti], hi_ref[ti],
+                             block_ref[ti] * tm, ni * bn + wg * tn, tiling)
 
         @pl.when(wg < 2)
         def _compute():
@@ -239,7 +224,7 @@ def gather_gmm_call(
             lambda *scoped: kernel(*refs, *scoped),
             plgpu.SMEM((stages, tm, tk), x.dtype, transforms=transforms),
             plgpu.SMEM((stages, tk, bn), rhs.dtype, transforms=transforms),
-            plgpu.SMEM((2, 2, *tiling.out_tile), out_dtype),
+            plgpu.SMEM((2, tiling.out_slots, *tiling.out_tile), out_dtype),
             plgpu.SMEM((2 * stages,), jnp.uint32),  # the gathers' mbarriers (8 bytes each)
             plgpu.Barrier(num_barriers=stages),
             plgpu.Barrier(num_arrivals=2, num_barriers=stages),

@@ -111,6 +111,30 @@ def store_owned_rows(out_smem, out_gmem, lo, hi, row0, col0, rows_max: int) -> N
         start = start + (size & rows)
 
 
+def write_owned_rows(values, out_slots, out_gmem, lo, hi, row0, col0,
+                     tiling: GmmTiling) -> None:
+    """Write rows ``[lo, hi)`` of a warpgroup's ``tile_m x tile_n`` result ``values`` to
+    ``out_gmem[row0:, col0:]``, staged through ``out_slots`` ([out_slots, *out_tile]) in
+    ``tiling.out_tile`` pieces; pieces without owned rows are skipped."""
+    em, en = tiling.out_tile
+    slots = tiling.out_slots
+    # Two slots alternate within and across tiles when a row of pieces is even.
+    pending = 1 if slots == 2 and (tiling.tile_n // en) % 2 == 0 else 0
+    for r in range(tiling.tile_m // em):
+        sub_lo = jnp.clip(lo - r * em, 0, em)
+        sub_hi = jnp.clip(hi - r * em, 0, em)
+
+        @pl.when(sub_hi > sub_lo)
+        def _rows(r=r, sub_lo=sub_lo, sub_hi=sub_hi):
+            for c in range(tiling.tile_n // en):
+                slot = c % slots
+                plgpu.wait_smem_to_gmem(pending, wait_read_only=True)
+                piece = values[r * em:(r + 1) * em, c * en:(c + 1) * en]
+                out_slots[slot] = piece.astype(out_slots.dtype)
+                store_owned_rows(out_slots.at[slot], out_gmem, sub_lo, sub_hi,
+                                 row0 + r * em, col0 + c * en, em)
+
+
 def gmm_call(
     lhs: jax.Array,
     rhs: jax.Array,
@@ -172,25 +196,8 @@ def gmm_call(
             live = live_ref[0]
 
             def write(values, ti, ni):
-                lo, hi, row0 = lo_ref[ti], hi_ref[ti], block_ref[ti] * tm
-                col0 = ni * bn + wg * tn
-                em, en = tiling.out_tile
-                slots = tiling.out_slots
-                # Two slots alternate within and across tiles when a row of pieces is even.
-                pending = 1 if slots == 2 and (tn // en) % 2 == 0 else 0
-                for r in range(tm // em):
-                    sub_lo = jnp.clip(lo - r * em, 0, em)
-                    sub_hi = jnp.clip(hi - r * em, 0, em)
-
-                    @pl.when(sub_hi > sub_lo)
-                    def _rows(r=r, sub_lo=sub_lo, sub_hi=sub_hi):
-                        for c in range(tn // en):
-                            slot = c % slots
-                            plgpu.wait_smem_to_gmem(pending, wait_read_only=True)
-                            piece = values[r * em:(r + 1) * em, c * en:(c + 1) * en]
-                            out_smem[wg, slot] = piece.astype(out_dtype)
-                            store_owned_rows(out_smem.at[wg, slot], out_gmem, sub_lo, sub_hi,
-                                             row0 + r * em, col0 + c * en, em)
+                write_owned_rows(values, out_smem.at[wg], out_gmem, lo_ref[ti], hi_ref[ti],
+                                 block_ref[ti] * tm, ni * bn + wg * tn, tiling)
 
             def matmul(ti, ni, state):
                 def compute_context(eval_pipeline):

@@ -11,7 +11,7 @@
 ``gmm`` is a ``jax.custom_vjp``: d lhs = gmm(d out, rhs transposed), d rhs = tgmm(lhs, d out).
 Rows past ``sum(group_sizes)`` give zero outputs and receive zero gradients. ``gather_gmm`` is
 ``gmm`` of ``x[rows]`` whose GPU kernel reads the rows through the index vector
-(``gather_gmm_mgpu``); its x gradient is a scatter-add of the transposed product into ``rows``.
+(``gather_gmm_mgpu``); its x gradient sums the transposed product over the items of each row.
 """
 
 from __future__ import annotations

@@ -46,8 +46,7 @@ def compute_experts(rows: jax.Array, slot_expert: jax.Array, slot_weight: jax.Ar
     """Received rows [R, d] → one pre-combined output row each: Σ_pairs weight · FFN_e(row)."""
     experts_per_device = weights.w_gate.shape[0]
     items = plan_lib.make_expert_plan(slot_expert, experts_per_device, *row_layout(backend))
-    w_items = jnp.where(items.item_pair >= 0,
-                        jnp.take(slot_weight.reshape(-1), jnp.maximum(items.item_pair, 0)), 0.0)
+    w_items = plan_lib.item_weights(items, slot_weight)
     dtype = rows.dtype
     return swiglu_combine(rows, items, w_items, weights.w_gate.astype(dtype),
                           weights.w_up.astype(dtype), weights.w_down.astype(dtype), backend)

@@ -158,3 +158,10 @@ def make_expert_plan(slot_expert: jax.Array, experts_per_device: int,
         block_group=jnp.minimum(block_group, groups - 1).astype(jnp.int32),
         used_blocks=(jnp.sum(padded) // block).astype(jnp.int32),
     )
+
+
+def item_weights(items: ExpertPlan, slot_weight: jax.Array) -> jax.Array:
+    """Routing weight of each item ([R, pairs] slot weights picked by ``item_pair``; 0 for
+    padding items)."""
+    return jnp.where(items.item_pair >= 0,
+                     jnp.take(slot_weight.reshape(-1), jnp.maximum(items.item_pair, 0)), 0.0)
