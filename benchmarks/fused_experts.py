@@ -16,6 +16,8 @@ inputs and must agree:
   pallas-copy      the pallas path as it was before gather_gmm: expand_rows → 3 gmm →
                    reduce_rows
   pallas-split     the pallas path with gate and up as two gather_gmm calls (not one)
+  <variant>@xla    that variant with the row copies and sums on XLA gathers instead of the
+                   row kernels (kernels/row_gather.py, the default on GPU)
 
 Times are wall-clock medians of --iters synchronised calls after two warm-ups. --smoke runs a
 tiny shape (works on CPU: the fused kernels run in the Pallas interpreter there).
@@ -136,7 +138,7 @@ def bench_case(shape: str, n: int, tilings, timed, args, every_row: list) -> lis
     from occult_jax.dispatch import ExpertWeights, compute_experts
     from occult_jax.experts import grouped_swiglu, row_layout
     from occult_jax.plan import item_weights, make_expert_plan
-    from occult_jax.row_maps import expand_rows, reduce_rows
+    from occult_jax.row_maps import expand_rows, reduce_rows, use_kernels
 
     dtype = jnp.dtype(args.dtype)
     e, k, d, f = SHAPES[shape]
@@ -156,6 +158,13 @@ def bench_case(shape: str, n: int, tilings, timed, args, every_row: list) -> lis
     flops = 3 * 2 * items * d * f  # three matmuls over the (row, expert) items
 
     def separate(backend):
+        if backend.endswith("@xla"):
+            inner = separate(backend[:-len("@xla")])
+
+            def on_xla_gathers(*a):
+                with use_kernels(False):
+                    return inner(*a)
+            return on_xla_gathers
         if backend == "pallas-copy":
             return copy_then_gmm
         if backend == "pallas-split":

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 
 from kernels import platform, schedule
 from kernels.gmm_mgpu import GmmTiling, gmm_call
+from kernels.row_gather import gather_rows, sum_rows
 from kernels.tgmm_mgpu import TgmmTiling, tgmm_call
 
 ROW_MULTIPLE = 128  # M is padded to this (both kernels' row tiles divide it)
@@ -208,10 +209,13 @@ def _gather_gmm_bwd(out_dtype, mode, residuals, d_out):
     d_items = _gmm_raw(d_out, rhs, group_sizes, x.dtype, True, mode)  # zero past the groups
     if row_items is None:
         d_x = jnp.zeros(x.shape, jnp.float32).at[rows].add(d_items.astype(jnp.float32))
+    elif mode == "gpu":  # one pass over the used items (kernels/row_gather.py)
+        d_x = sum_rows(d_items, row_items, out_dtype=x.dtype)
     else:  # a gather-sum over each row's items: no scatter (slow on GPU with repeats)
         picked = jnp.take(d_items, jnp.maximum(row_items, 0), axis=0).astype(jnp.float32)
         d_x = jnp.sum(jnp.where((row_items >= 0)[..., None], picked, 0.0), axis=1)
-    d_rhs = _tgmm_raw(x[rows], d_out, group_sizes, rhs.dtype, mode)
+    x_rows = gather_rows(x, rows) if mode == "gpu" else x[rows]
+    d_rhs = _tgmm_raw(x_rows, d_out, group_sizes, rhs.dtype, mode)
     return d_x.astype(x.dtype), None, None, d_rhs, None
 
 

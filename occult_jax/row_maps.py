@@ -9,62 +9,119 @@ The two must describe the same links. Then
 
 and each one's backward is the other one: a gather, never a scatter-add. So the dispatch's
 backward is a combine and the combine's backward a dispatch — deterministic and atomics-free
-on GPUs. Sums accumulate in float32.
+on GPUs. Sums accumulate in float32, in link order.
+
+On GPUs the copies and sums run as Pallas kernels (kernels/row_gather.py) that skip empty
+links; elsewhere as XLA gathers. ``use_kernels`` overrides the choice (tests, benchmarks).
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
+
 import jax
 import jax.numpy as jnp
 
+_FORCE_KERNELS: bool | None = None
 
-def _take(x: jax.Array, index: jax.Array) -> jax.Array:
+
+@contextlib.contextmanager
+def use_kernels(enabled: bool | None):
+    """Row maps called within the block run on the Pallas kernels (True; interpreted off GPU),
+    on XLA gathers (False), or on whichever suits the platform (None, the default). The choice
+    is made when a map is traced and holds for its gradient too."""
+    global _FORCE_KERNELS
+    saved, _FORCE_KERNELS = _FORCE_KERNELS, enabled
+    try:
+        yield
+    finally:
+        _FORCE_KERNELS = saved
+
+
+def _kernels(x: jax.Array) -> bool:
+    if x.ndim != 2:  # the kernels move [rows, width] arrays
+        return False
+    if _FORCE_KERNELS is not None:
+        return _FORCE_KERNELS
+    return jax.devices()[0].platform == "gpu"
+
+
+def _take(x: jax.Array, index: jax.Array, kernels: bool) -> jax.Array:
     """x[index] along axis 0 with zeros where index < 0."""
+    if kernels:
+        from kernels.row_gather import gather_rows
+
+        return gather_rows(x, index)
     safe = jnp.where(index < 0, x.shape[0], index)
     return jnp.take(x, safe, axis=0, mode="fill", fill_value=0)
 
 
-def _sum_links(b: jax.Array, a_dst: jax.Array, b_weight: jax.Array | None) -> jax.Array:
-    gathered = _take(b, a_dst).astype(jnp.float32)  # [A, m, d]
-    if b_weight is not None:
-        gathered = gathered * _take(b_weight.astype(jnp.float32), a_dst)[..., None]
-    return jnp.sum(gathered, axis=1)
+def _sum_links(b: jax.Array, a_dst: jax.Array, b_weight: jax.Array | None, out_dtype,
+               kernels: bool) -> jax.Array:
+    if kernels:
+        from kernels.row_gather import sum_rows
+
+        return sum_rows(b, a_dst, weight=b_weight, out_dtype=out_dtype)
+    total = jnp.zeros((a_dst.shape[0], *b.shape[1:]), jnp.float32)
+    for j in range(a_dst.shape[1]):  # in link order, as the kernel sums
+        term = _take(b, a_dst[:, j], False).astype(jnp.float32)
+        if b_weight is not None:
+            term = term * _take(b_weight.astype(jnp.float32), a_dst[:, j], False)[:, None]
+        total = total + term
+    return total.astype(out_dtype)
 
 
-@jax.custom_vjp
 def expand_rows(a: jax.Array, b_src: jax.Array, a_dst: jax.Array) -> jax.Array:
     """Buffer rows copied from source rows: out[b] = a[b_src[b]], zeros where b_src[b] < 0."""
-    return _take(a, b_src)
+    return _expand(a, b_src, a_dst, _kernels(a))
 
 
-def _expand_fwd(a, b_src, a_dst):
-    return _take(a, b_src), (b_src, a_dst)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _expand(a, b_src, a_dst, kernels):
+    return _take(a, b_src, kernels)
 
 
-def _expand_bwd(residuals, g_b):
+def _expand_fwd(a, b_src, a_dst, kernels):
+    return _take(a, b_src, kernels), (b_src, a_dst)
+
+
+def _expand_bwd(kernels, residuals, g_b):
     _, a_dst = residuals
-    return _sum_links(g_b, a_dst, None).astype(g_b.dtype), None, None
+    return _sum_links(g_b, a_dst, None, g_b.dtype, kernels), None, None
 
 
-expand_rows.defvjp(_expand_fwd, _expand_bwd)
+_expand.defvjp(_expand_fwd, _expand_bwd)
 
 
-@jax.custom_vjp
 def reduce_rows(b: jax.Array, a_dst: jax.Array, b_src: jax.Array,
                 b_weight: jax.Array | None = None) -> jax.Array:
     """Source rows summed from their buffer rows, optionally weighted per buffer row."""
-    return _sum_links(b, a_dst, b_weight).astype(b.dtype)
+    return _reduce(b, a_dst, b_src, b_weight, _kernels(b))
 
 
-def _reduce_fwd(b, a_dst, b_src, b_weight=None):
-    out = _sum_links(b, a_dst, b_weight).astype(b.dtype)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _reduce(b, a_dst, b_src, b_weight, kernels):
+    return _sum_links(b, a_dst, b_weight, b.dtype, kernels)
+
+
+def _reduce_fwd(b, a_dst, b_src, b_weight, kernels):
+    out = _sum_links(b, a_dst, b_weight, b.dtype, kernels)
     saved_b = None if b_weight is None else b  # b is only needed for the weight gradient
     return out, (saved_b, b_src, b_weight, jnp.zeros((), b.dtype))
 
 
-def _reduce_bwd(residuals, g_a):
+def _reduce_bwd(kernels, residuals, g_a):
     b, b_src, b_weight, dtype_of_b = residuals
-    g_per_b = _take(g_a, b_src).astype(jnp.float32)  # [B, d]
+    if kernels:
+        from kernels.row_gather import gather_rows
+
+        if b_weight is None:
+            return gather_rows(g_a, b_src, out_dtype=dtype_of_b.dtype), None, None, None
+        g_b, g_weight = gather_rows(g_a, b_src, scale=b_weight, dot_with=b,
+                                    out_dtype=dtype_of_b.dtype)
+        return g_b, None, None, g_weight.astype(b_weight.dtype)
+    g_per_b = _take(g_a, b_src, False).astype(jnp.float32)  # [B, d]
     g_weight = None
     if b_weight is None:
         g_b = g_per_b
@@ -74,4 +131,4 @@ def _reduce_bwd(residuals, g_a):
     return g_b.astype(dtype_of_b.dtype), None, None, g_weight
 
 
-reduce_rows.defvjp(_reduce_fwd, _reduce_bwd)
+_reduce.defvjp(_reduce_fwd, _reduce_bwd)

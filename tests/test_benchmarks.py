@@ -33,3 +33,15 @@ def test_moe_layer_script(tmp_path):
     rows = json.loads(out.read_text())
     assert len(rows) == 2 * 2 * 2  # modes × transports × expert matmuls
     assert all(r["max_diff"] < 5e-2 for r in rows)  # bfloat16 compute, one input
+
+
+def test_row_maps_script(tmp_path):
+    import row_maps
+
+    out = tmp_path / "rows.json"
+    row_maps.main(["--smoke", "--out", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    assert {(r["map"], r["pass"]) for r in rows} == {
+        (m, p) for m in ("dispatch", "items")
+        for p in ("expand", "reduce", "expand bwd", "reduce bwd")}
+    assert all(r["max_diff"] < 1e-2 for r in rows)  # XLA gathers and kernels agree

@@ -1,0 +1,153 @@
+"""Row gathers and gather-sums in one pass over memory (Pallas; Triton on GPU, the interpreter
+on CPU): the copies and sums of ``occult_jax.row_maps`` — dispatch into send slots and item
+order, pre-combine of items, combine of returned slots — and their gradients.
+
+* ``gather_rows(a, index, scale=, dot_with=)``: out[b] = scale[b] · a[index[b]] (zeros where
+  index[b] < 0); with ``dot_with`` also Σ_d a[index[b], d] · dot_with[b, d] in float32 (the
+  routing-weight gradient of a weighted sum, from the same read).
+* ``sum_rows(b, slots, weight=)``: out[a] = Σ_j weight[slots[a, j]] · b[slots[a, j]] over the
+  slots ≥ 0, accumulated in float32 in slot order.
+
+XLA lowers these to element-wise gathers with a bounds check each, and the sum reads every slot
+of the [A, P] table whether used or not (most are empty: a received row lists ≤ min(k, E/N)
+experts but carries about k·/N). Here a program moves a tile of rows × columns with masked
+vector loads, so an empty slot costs no memory traffic. Each program's rows are a power of two
+dividing the row count and its columns one dividing the width, so no access is out of bounds
+and nothing needs masking but empty slots.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plt
+
+from kernels import platform
+
+# Tiles: the best of `benchmarks/row_maps.py --sweep` on an H200 (bf16, width 2048): 16 × 256
+# was within 2% of the best at every map; 16 × 512 and larger tiles were up to 1.4× slower on
+# the sums.
+ROWS = 16  # rows per program at most
+COLUMNS = 256  # columns per program at most
+NUM_WARPS = 4
+
+
+def _tile(dim: int, preferred: int) -> int:
+    """Largest power of two ≤ preferred dividing dim (1 at worst)."""
+    tile = preferred
+    while dim % tile:
+        tile //= 2
+    return tile
+
+
+def _interpret(interpret: bool | None) -> bool:
+    if interpret is None:
+        return platform.backend() != "gpu"
+    return interpret
+
+
+def _load_rows(ref, rows, valid, cols):
+    """ref[rows[:, None], cols[None, :]], zeros where ~valid (full index arrays: interpretable)."""
+    r = jnp.broadcast_to(jnp.where(valid, rows, 0)[:, None], (rows.shape[0], cols.shape[0]))
+    c = jnp.broadcast_to(cols[None, :], r.shape)
+    return plt.load(ref.at[r, c], mask=jnp.broadcast_to(valid[:, None], r.shape),
+                    other=jnp.zeros((), ref.dtype))
+
+
+def _load_scalars(ref, index, valid):
+    """ref[index] for a 1-D ref, zeros where ~valid."""
+    return plt.load(ref.at[jnp.where(valid, index, 0)], mask=valid, other=jnp.zeros((), ref.dtype))
+
+
+def _call(kernel, grid, out_shape, interpret: bool):
+    params = None if interpret else plt.CompilerParams(num_warps=NUM_WARPS, num_stages=1)
+    return pl.pallas_call(kernel, grid=grid, out_shape=out_shape, interpret=interpret,
+                          compiler_params=params)
+
+
+def _gather_kernel(index_ref, scale_ref, a_ref, other_ref, out_ref, *dot_ref, rows: int,
+                   cols: int, scaled: bool):
+    i, j = pl.program_id(0), pl.program_id(1)
+    tile_rows, tile_cols = pl.ds(i * rows, rows), pl.ds(j * cols, cols)
+    index = index_ref[tile_rows]
+    x = _load_rows(a_ref, index, index >= 0, j * cols + jnp.arange(cols)).astype(jnp.float32)
+    if dot_ref:  # this column tile's share of the row dot product
+        dot_ref[0][j, tile_rows] = jnp.sum(x * other_ref[tile_rows, tile_cols].astype(
+            jnp.float32), axis=1)
+    if scaled:
+        x = x * scale_ref[tile_rows].astype(jnp.float32)[:, None]
+    out_ref[tile_rows, tile_cols] = x.astype(out_ref.dtype)
+
+
+def gather_rows(a: jax.Array, index: jax.Array, *, scale: jax.Array | None = None,
+                dot_with: jax.Array | None = None, out_dtype=None,
+                interpret: bool | None = None):
+    """a [A, D], index [B] → scale[b] · a[index[b]] as [B, D] (``out_dtype``, default a's), or
+    with ``dot_with`` [B, D] the pair (that, Σ_d a[index[b], d] · dot_with[b, d] as [B] float32).
+
+    ``interpret``: None runs the Triton kernel on GPU and the interpreter elsewhere.
+    """
+    if a.ndim != 2 or index.ndim != 1:
+        raise ValueError(f"gather_rows wants a [A, D] and index [B]; got {a.shape}, "
+                         f"{index.shape}")
+    b, d = index.shape[0], a.shape[1]
+    if scale is not None and scale.shape != (b,):
+        raise ValueError(f"gather_rows: scale must be [{b}]; got {scale.shape}")
+    if dot_with is not None and dot_with.shape != (b, d):
+        raise ValueError(f"gather_rows: dot_with must be [{b}, {d}]; got {dot_with.shape}")
+    if b == 0 or d == 0:
+        out = jnp.zeros((b, d), out_dtype or a.dtype)
+        return out if dot_with is None else (out, jnp.zeros((b,), jnp.float32))
+    interpret = _interpret(interpret)
+    rows, cols = _tile(b, ROWS), _tile(d, COLUMNS)
+    scaled, dotted = scale is not None, dot_with is not None
+    operands = platform.vary_together(
+        index.astype(jnp.int32), jnp.zeros((1,), jnp.float32) if scale is None else scale, a,
+        jnp.zeros((1, 1), a.dtype) if dot_with is None else dot_with)
+    out_type = [platform.out_struct((b, d), out_dtype or a.dtype, *operands)]
+    if dotted:
+        out_type.append(platform.out_struct((d // cols, b), jnp.float32, *operands))
+    kernel = functools.partial(_gather_kernel, rows=rows, cols=cols, scaled=scaled)
+    outs = _call(kernel, (b // rows, d // cols), tuple(out_type), interpret)(*operands)
+    return outs[0] if not dotted else (outs[0], jnp.sum(outs[1], axis=0))
+
+
+def _sum_kernel(slots_ref, weight_ref, b_ref, out_ref, *, rows: int, cols: int, weighted: bool):
+    i, j = pl.program_id(0), pl.program_id(1)
+    tile_rows = pl.ds(i * rows, rows)
+    columns = j * cols + jnp.arange(cols)
+    acc = jnp.zeros((rows, cols), jnp.float32)
+    for p in range(slots_ref.shape[1]):
+        slot = slots_ref[tile_rows, p]
+        valid = slot >= 0
+        x = _load_rows(b_ref, slot, valid, columns).astype(jnp.float32)
+        if weighted:
+            x = x * _load_scalars(weight_ref, slot, valid).astype(jnp.float32)[:, None]
+        acc = acc + x
+    out_ref[tile_rows, pl.ds(j * cols, cols)] = acc.astype(out_ref.dtype)
+
+
+def sum_rows(b: jax.Array, slots: jax.Array, *, weight: jax.Array | None = None,
+             out_dtype=None, interpret: bool | None = None) -> jax.Array:
+    """b [B, D], slots [A, P] (rows of b, -1 = none) → [A, D]: row a is
+    Σ_j weight[slots[a, j]] · b[slots[a, j]] over its slots ≥ 0, summed in float32 and returned
+    in ``out_dtype`` (default b's); zeros for a row with no slot."""
+    if b.ndim != 2 or slots.ndim != 2:
+        raise ValueError(f"sum_rows wants b [B, D] and slots [A, P]; got {b.shape}, "
+                         f"{slots.shape}")
+    if weight is not None and weight.shape != (b.shape[0],):
+        raise ValueError(f"sum_rows: weight must be [{b.shape[0]}]; got {weight.shape}")
+    (a, pairs), d = slots.shape, b.shape[1]
+    if a == 0 or d == 0 or pairs == 0 or b.shape[0] == 0:
+        return jnp.zeros((a, d), out_dtype or b.dtype)
+    interpret = _interpret(interpret)
+    rows, cols = _tile(a, ROWS), _tile(d, COLUMNS)
+    weighted = weight is not None
+    operands = platform.vary_together(
+        slots.astype(jnp.int32), jnp.zeros((1,), jnp.float32) if weight is None else weight, b)
+    out_type = platform.out_struct((a, d), out_dtype or b.dtype, *operands)
+    kernel = functools.partial(_sum_kernel, rows=rows, cols=cols, weighted=weighted)
+    return _call(kernel, (a // rows, d // cols), out_type, interpret)(*operands)
