@@ -16,6 +16,8 @@ inputs and must agree:
   pallas-copy      the pallas path as it was before gather_gmm: expand_rows → 3 gmm →
                    reduce_rows
   pallas-split     the pallas path with gate and up as two gather_gmm calls (not one)
+  pallas-copy-cat  pallas-copy with gate and up as one gmm on concatenated weights (one
+                   item-gradient array in the backward, no sum of two)
   <variant>@xla    that variant with the row copies and sums on XLA gathers instead of the
                    row kernels (kernels/row_gather.py, the default on GPU)
 
@@ -56,6 +58,7 @@ def parse_args(argv=None):
                    help="time each fused kernel alone (forward 2, backward 5) per tiling")
     p.add_argument("--profile", action="store_true",
                    help="print each variant's top GPU ops of a forward+backward step")
+    p.add_argument("--no-fused", action="store_true", help="time the separate variants only")
     p.add_argument("--smoke", action="store_true", help="tiny shape, 2 iterations (CPU check)")
     p.add_argument("--out", default=None)
     return p.parse_args(argv)
@@ -90,7 +93,7 @@ def main(argv=None):
     def timed(fn, *a):
         return median_ms(fn, *a, iters=args.iters)
 
-    tilings = [default_tiling()]
+    tilings = [] if args.no_fused else [default_tiling()]
     if args.sweep and not on_cpu:
         tilings += [GatherTiling(bm, bn, 64, w, 3) for bm, bn, w in itertools.product(
             (64, 128), (64, 128), (4, 8))]  # 8 tilings: keeps one device call under 10 min
@@ -167,6 +170,8 @@ def bench_case(shape: str, n: int, tilings, timed, args, every_row: list) -> lis
             return on_xla_gathers
         if backend == "pallas-copy":
             return copy_then_gmm
+        if backend == "pallas-copy-cat":
+            return copy_then_concatenated_gmm
         if backend == "pallas-split":
             return split_gather
         return lambda x, sw, ws: compute_experts(x, slot, sw, ws, backend)
@@ -176,6 +181,15 @@ def bench_case(shape: str, n: int, tilings, timed, args, every_row: list) -> lis
         w_items = item_weights(plan, sw)
         gate, up = (gather_gmm(x, plan.item_row, w, plan.group_sizes, row_items=plan.row_items)
                     for w in (ws.w_gate, ws.w_up))
+        y_items = gmm(jax.nn.silu(gate) * up, ws.w_down, plan.group_sizes)
+        return reduce_rows(y_items, plan.row_items, plan.item_row, w_items)
+
+    def copy_then_concatenated_gmm(x, sw, ws):
+        plan = make_expert_plan(slot, local, *row_layout("pallas"))
+        w_items = item_weights(plan, sw)
+        x_items = expand_rows(x, plan.item_row, plan.row_items)
+        gate_up = gmm(x_items, jnp.concatenate([ws.w_gate, ws.w_up], axis=2), plan.group_sizes)
+        gate, up = jnp.split(gate_up, 2, axis=1)
         y_items = gmm(jax.nn.silu(gate) * up, ws.w_down, plan.group_sizes)
         return reduce_rows(y_items, plan.row_items, plan.item_row, w_items)
 

@@ -73,10 +73,11 @@ def _gather_kernel(index_ref, scale_ref, a_ref, other_ref, out_ref, *dot_ref, ro
     i, j = pl.program_id(0), pl.program_id(1)
     tile_rows, tile_cols = pl.ds(i * rows, rows), pl.ds(j * cols, cols)
     index = index_ref[tile_rows]
-    x = _load_rows(a_ref, index, index >= 0, j * cols + jnp.arange(cols)).astype(jnp.float32)
-    if dot_ref:  # this column tile's share of the row dot product
-        dot_ref[0][j, tile_rows] = jnp.sum(x * other_ref[tile_rows, tile_cols].astype(
-            jnp.float32), axis=1)
+    valid, columns = index >= 0, j * cols + jnp.arange(cols)
+    x = _load_rows(a_ref, index, valid, columns).astype(jnp.float32)
+    if dot_ref:  # this column tile's share of the row dot product; empty rows read nothing
+        other = _load_rows(other_ref, i * rows + jnp.arange(rows), valid, columns)
+        dot_ref[0][j, tile_rows] = jnp.sum(x * other.astype(jnp.float32), axis=1)
     if scaled:
         x = x * scale_ref[tile_rows].astype(jnp.float32)[:, None]
     out_ref[tile_rows, tile_cols] = x.astype(out_ref.dtype)

@@ -115,9 +115,12 @@ def swiglu_combine(rows: jax.Array, items: ExpertPlan, item_weight: jax.Array,
         return fused_swiglu_combine(rows, w_gate, w_up, w_down, item_weight, items.item_row,
                                     items.block_group, items.used_blocks, items.group_sizes)
     if backend == "pallas":
-        gate, up = gate_up_items(rows, items.item_row, items.row_items, items.group_sizes,
-                                 w_gate, w_up)
-        y_items = grouped_matmul(jax.nn.silu(gate) * up, w_down, items, backend)
+        from kernels.swiglu import swiglu
+
+        gate_up = gate_up_items(rows, items.item_row, items.row_items, items.group_sizes,
+                                jnp.concatenate([w_gate, w_up], axis=2))
+        hidden = swiglu(gate_up, jnp.sum(items.group_sizes))  # skips the padding items
+        y_items = grouped_matmul(hidden, w_down, items, backend)
         return reduce_rows(y_items, items.row_items, items.item_row, item_weight)
     x_items = expand_rows(rows, items.item_row, items.row_items)
     y_items = grouped_swiglu(x_items, items, w_gate, w_up, w_down, backend)
@@ -125,35 +128,36 @@ def swiglu_combine(rows: jax.Array, items: ExpertPlan, item_weight: jax.Array,
 
 
 @jax.custom_vjp
-def gate_up_items(rows, item_row, row_items, group_sizes, w_gate, w_up):
-    """The gate and up products of every item's row, on the Pallas kernels.
+def gate_up_items(rows, item_row, row_items, group_sizes, w_gate_up):
+    """The gate|up product [M, 2f] of every item's row (w_gate_up [G, d, 2f]: gate columns,
+    then up columns), on the Pallas kernels.
 
     Not differentiated (serving), the rows are read through ``item_row`` by ``gather_gmm``,
-    with no item-order copy: 1.17–1.24× faster for the expert compute on an H200. Under
+    with no item-order copy (1.07–1.20× faster expert compute on an H200). Under
     differentiation the rows are copied into item order first, because that path's backward is
-    cheaper today (its forward+backward was 1.05× the gathered one; docs/benchmarks.md).
+    cheaper today (docs/benchmarks.md). One product on concatenated weights, not two: the
+    backward then has one item gradient to sum into the rows, not two to add first (a 1.5 ms
+    pass over the padded item buffer at the OLMoE shape on an H200).
     """
     from kernels.grouped_matmul import gather_gmm
 
-    return tuple(gather_gmm(rows, item_row, w, group_sizes) for w in (w_gate, w_up))
+    return gather_gmm(rows, item_row, w_gate_up, group_sizes)
 
 
-def _gate_up_copied(rows, item_row, row_items, group_sizes, w_gate, w_up):
+def _gate_up_copied(rows, item_row, row_items, group_sizes, w_gate_up):
     from kernels.grouped_matmul import gmm
 
-    x_items = expand_rows(rows, item_row, row_items)
-    return gmm(x_items, w_gate, group_sizes), gmm(x_items, w_up, group_sizes)
+    return gmm(expand_rows(rows, item_row, row_items), w_gate_up, group_sizes)
 
 
-def _gate_up_fwd(rows, item_row, row_items, group_sizes, w_gate, w_up):
-    return jax.vjp(lambda r, wg, wu: _gate_up_copied(r, item_row, row_items, group_sizes, wg, wu),
-                   rows, w_gate, w_up)
+def _gate_up_fwd(rows, item_row, row_items, group_sizes, w_gate_up):
+    return jax.vjp(lambda r, w: _gate_up_copied(r, item_row, row_items, group_sizes, w),
+                   rows, w_gate_up)
 
 
-def _gate_up_bwd(pullback, cotangents):
-    d_rows, d_gate, d_up = pullback(cotangents)
-    return d_rows, None, None, None, d_gate, d_up
+def _gate_up_bwd(pullback, cotangent):
+    d_rows, d_w = pullback(cotangent)
+    return d_rows, None, None, None, d_w
 
 
 gate_up_items.defvjp(_gate_up_fwd, _gate_up_bwd)
-

@@ -162,6 +162,10 @@ def make_expert_plan(slot_expert: jax.Array, experts_per_device: int,
 
 def item_weights(items: ExpertPlan, slot_weight: jax.Array) -> jax.Array:
     """Routing weight of each item ([R, pairs] slot weights picked by ``item_pair``; 0 for
-    padding items)."""
-    return jnp.where(items.item_pair >= 0,
-                     jnp.take(slot_weight.reshape(-1), jnp.maximum(items.item_pair, 0)), 0.0)
+    padding items). Its gradient gathers back through ``row_items`` (a row map): the plain
+    gather's scatter-add piled every padding item onto one slot (0.7 ms on an H200)."""
+    from occult_jax.row_maps import expand_rows
+
+    picked = expand_rows(slot_weight.reshape(-1, 1), items.item_pair,
+                         items.row_items.reshape(-1, 1))
+    return picked[:, 0]

@@ -39,12 +39,15 @@ def use_kernels(enabled: bool | None):
         _FORCE_KERNELS = saved
 
 
+KERNEL_MIN_WIDTH = 64  # narrower rows (e.g. per-slot weights) stay on XLA gathers
+
+
 def _kernels(x: jax.Array) -> bool:
-    if x.ndim != 2:  # the kernels move [rows, width] arrays
+    if x.ndim != 2:  # the kernels move [rows, width] tiles
         return False
     if _FORCE_KERNELS is not None:
         return _FORCE_KERNELS
-    return jax.devices()[0].platform == "gpu"
+    return jax.devices()[0].platform == "gpu" and x.shape[1] >= KERNEL_MIN_WIDTH
 
 
 def _take(x: jax.Array, index: jax.Array, kernels: bool) -> jax.Array:
