@@ -6,7 +6,8 @@ streams ``lhs`` and ``rhs`` tiles through TMA into a ring of shared-memory stage
 warpgroups issue wgmma on their halves of the column tile and accumulate in float32 registers.
 A tile writes back only the rows its group owns, with TMA stores of power-of-two row counts
 (any count below ``2 * tile_m`` is a sum of those). Tiles whose group is empty are not visited;
-rows past the last group are written as zeros, in a second loop after the real tiles.
+rows past the last group are written as zeros, in a second loop after the real tiles (or left
+unwritten: ``fill_tail=False``, for callers that never read them).
 
 Two options hide the bubble between tiles: ``chain`` runs one block's consecutive tiles as a
 pipeline of pipelines (the memory warpgroup loads the next tile while the compute warpgroups
@@ -144,8 +145,10 @@ def gmm_call(
     tiling: GmmTiling,
     transpose_rhs: bool,
     interpret: bool,
+    fill_tail: bool = True,
 ) -> jax.Array:
-    """Run the kernel: lhs [M, K] (M a multiple of tile_m), rhs [G, K, N] or [G, N, K]."""
+    """Run the kernel: lhs [M, K] (M a multiple of tile_m), rhs [G, K, N] or [G, N, K].
+    Rows past the last group are zeros, or left unwritten without ``fill_tail``."""
     m, k = lhs.shape
     n = rhs.shape[1] if transpose_rhs else rhs.shape[2]
     tm, tn, tk = tiling.tile_m, tiling.tile_n, tiling.tile_k
@@ -241,7 +244,9 @@ def gmm_call(
                                                 int(plgpu.PipelinePipeline.STEADY)))
                     matmul(ti, ni, state)
 
-            @plgpu.nd_loop(((count_ref[0] - live) * n_iters,), collective_axes="sm")
+            zero_tiles = (count_ref[0] - live) * n_iters if fill_tail else 0
+
+            @plgpu.nd_loop((zero_tiles,), collective_axes="sm")
             def _zero_tile(info):
                 ti = live + info.index[0] // n_iters
 

@@ -99,7 +99,7 @@ def _mode(interpret: bool | None) -> str:
 
 
 def _gmm_raw(lhs, rhs, group_sizes, out_dtype, transpose_rhs: bool, mode: str,
-             tiling: GmmTiling | None = None) -> jax.Array:
+             tiling: GmmTiling | None = None, fill_tail: bool = True) -> jax.Array:
     _check(lhs, rhs, group_sizes, transpose_rhs)
     if mode == "gpu" and lhs.dtype == jnp.float32:
         rhs = jnp.swapaxes(rhs, 1, 2) if transpose_rhs else rhs
@@ -115,7 +115,8 @@ def _gmm_raw(lhs, rhs, group_sizes, out_dtype, transpose_rhs: bool, mode: str,
     lhs = _pad_rows(lhs)
     tiles = schedule.row_tiles(group_sizes, lhs.shape[0], tiling.tile_m)
     out = gmm_call(lhs, rhs, tiles, out_dtype=out_dtype, tiling=tiling,
-                   transpose_rhs=transpose_rhs, interpret=mode == "interpret")
+                   transpose_rhs=transpose_rhs, interpret=mode == "interpret",
+                   fill_tail=fill_tail)
     return platform.vary_like(out[:m], lhs, rhs, group_sizes)
 
 
@@ -145,19 +146,19 @@ def _xla_gmm(lhs, rhs, group_sizes, out_dtype) -> jax.Array:
                               preferred_element_type=out_dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def _gmm(lhs, rhs, group_sizes, out_dtype, mode):
-    return _gmm_raw(lhs, rhs, group_sizes, out_dtype, False, mode)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _gmm(lhs, rhs, group_sizes, out_dtype, mode, fill_tail):
+    return _gmm_raw(lhs, rhs, group_sizes, out_dtype, False, mode, fill_tail=fill_tail)
 
 
-def _gmm_fwd(lhs, rhs, group_sizes, out_dtype, mode):
-    return _gmm(lhs, rhs, group_sizes, out_dtype, mode), (lhs, rhs, group_sizes)
+def _gmm_fwd(lhs, rhs, group_sizes, out_dtype, mode, fill_tail):
+    return _gmm(lhs, rhs, group_sizes, out_dtype, mode, fill_tail), (lhs, rhs, group_sizes)
 
 
-def _gmm_bwd(out_dtype, mode, residuals, d_out):
+def _gmm_bwd(out_dtype, mode, fill_tail, residuals, d_out):
     lhs, rhs, group_sizes = residuals
     d_out = d_out.astype(lhs.dtype)
-    d_lhs = _gmm_raw(d_out, rhs, group_sizes, lhs.dtype, True, mode)
+    d_lhs = _gmm_raw(d_out, rhs, group_sizes, lhs.dtype, True, mode, fill_tail=fill_tail)
     d_rhs = _tgmm_raw(lhs, d_out, group_sizes, rhs.dtype, mode)
     return d_lhs, d_rhs, None
 
@@ -166,14 +167,18 @@ _gmm.defvjp(_gmm_fwd, _gmm_bwd)
 
 
 def gmm(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *,
-        preferred_element_type=None, interpret: bool | None = None) -> jax.Array:
+        preferred_element_type=None, interpret: bool | None = None,
+        fill_tail: bool = True) -> jax.Array:
     """``out[rows of g] = lhs[rows of g] @ rhs[g]``: lhs [M, K], rhs [G, K, N] → [M, N].
 
+    Rows past ``sum(group_sizes)`` are zeros, in the output and in lhs's gradient; with
+    ``fill_tail=False`` the Mosaic GPU kernels leave them unwritten (undefined) — for callers
+    that never read them, which saves writing the padding of a worst-case-sized buffer.
     ``interpret``: None picks the compiled kernel on GPU/TPU and the interpreter on CPU.
     """
     out_dtype = jnp.dtype(preferred_element_type or lhs.dtype)
     rhs = platform.vary_like(rhs, lhs)  # so autodiff inserts the psum rhs's gradient needs
-    return _gmm(lhs, rhs, group_sizes.astype(jnp.int32), out_dtype, _mode(interpret))
+    return _gmm(lhs, rhs, group_sizes.astype(jnp.int32), out_dtype, _mode(interpret), fill_tail)
 
 
 def tgmm(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *,

@@ -69,7 +69,7 @@ def _call(kernel, grid, out_shape, interpret: bool):
 
 
 def _gather_kernel(index_ref, scale_ref, a_ref, other_ref, out_ref, *dot_ref, rows: int,
-                   cols: int, scaled: bool):
+                   cols: int, scaled: bool, fill_empty: bool):
     i, j = pl.program_id(0), pl.program_id(1)
     tile_rows, tile_cols = pl.ds(i * rows, rows), pl.ds(j * cols, cols)
     index = index_ref[tile_rows]
@@ -80,14 +80,23 @@ def _gather_kernel(index_ref, scale_ref, a_ref, other_ref, out_ref, *dot_ref, ro
         dot_ref[0][j, tile_rows] = jnp.sum(x * other.astype(jnp.float32), axis=1)
     if scaled:
         x = x * scale_ref[tile_rows].astype(jnp.float32)[:, None]
-    out_ref[tile_rows, tile_cols] = x.astype(out_ref.dtype)
+
+    def store():
+        out_ref[tile_rows, tile_cols] = x.astype(out_ref.dtype)
+
+    if fill_empty:
+        store()
+    else:  # a tile of empty rows is left unwritten
+        pl.when(jnp.max(index) >= 0)(store)
 
 
 def gather_rows(a: jax.Array, index: jax.Array, *, scale: jax.Array | None = None,
-                dot_with: jax.Array | None = None, out_dtype=None,
+                dot_with: jax.Array | None = None, out_dtype=None, fill_empty: bool = True,
                 interpret: bool | None = None):
     """a [A, D], index [B] → scale[b] · a[index[b]] as [B, D] (``out_dtype``, default a's), or
     with ``dot_with`` [B, D] the pair (that, Σ_d a[index[b], d] · dot_with[b, d] as [B] float32).
+    Empty rows (index < 0) are zeros, or with ``fill_empty=False`` may be left unwritten
+    (undefined) where a whole tile of them is empty.
 
     ``interpret``: None runs the Triton kernel on GPU and the interpreter elsewhere.
     """
@@ -111,7 +120,8 @@ def gather_rows(a: jax.Array, index: jax.Array, *, scale: jax.Array | None = Non
     out_type = [platform.out_struct((b, d), out_dtype or a.dtype, *operands)]
     if dotted:
         out_type.append(platform.out_struct((d // cols, b), jnp.float32, *operands))
-    kernel = functools.partial(_gather_kernel, rows=rows, cols=cols, scaled=scaled)
+    kernel = functools.partial(_gather_kernel, rows=rows, cols=cols, scaled=scaled,
+                               fill_empty=fill_empty)
     outs = _call(kernel, (b // rows, d // cols), tuple(out_type), interpret)(*operands)
     return outs[0] if not dotted else (outs[0], jnp.sum(outs[1], axis=0))
 

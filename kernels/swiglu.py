@@ -4,9 +4,9 @@ only the live rows (Pallas; Triton on GPU, the interpreter in tests, XLA elsewhe
 The expert compute's item buffer is sized for the worst case (every received row listing
 min(k, E/N) experts) and is mostly padding: 131k live of 524k rows at the OLMoE shape on 4
 devices. XLA's elementwise fusions read and write all of it. Here a program whose row tile
-starts past ``live`` writes zeros without reading; the others compute in float32. The
-backward (``jax.custom_vjp``) is the same kind of kernel: d[gate | up] from d hidden and the
-saved gate|up. Rows past ``live`` must be zero in gate|up (the grouped matmul writes them so).
+starts past ``live`` writes zeros without reading (or, with ``fill_tail=False``, nothing);
+the others compute in float32. The backward (``jax.custom_vjp``) is the same kind of kernel:
+d[gate | up] from d hidden and the saved gate|up.
 """
 
 from __future__ import annotations
@@ -38,7 +38,8 @@ def _call(kernel, grid, out_type, interpret: bool):
                           compiler_params=params)
 
 
-def _forward_kernel(live_ref, gate_up_ref, out_ref, *, rows: int, cols: int, hidden: int):
+def _forward_kernel(live_ref, gate_up_ref, out_ref, *, rows: int, cols: int, hidden: int,
+                    fill_tail: bool):
     i, j = pl.program_id(0), pl.program_id(1)
     tile_rows = pl.ds(i * rows, rows)
 
@@ -49,13 +50,14 @@ def _forward_kernel(live_ref, gate_up_ref, out_ref, *, rows: int, cols: int, hid
         out_ref[tile_rows, pl.ds(j * cols, cols)] = (
             gate * jax.nn.sigmoid(gate) * up).astype(out_ref.dtype)
 
-    @pl.when(i * rows >= live_ref[0])
-    def _():
-        out_ref[tile_rows, pl.ds(j * cols, cols)] = jnp.zeros((rows, cols), out_ref.dtype)
+    if fill_tail:
+        @pl.when(i * rows >= live_ref[0])
+        def _():
+            out_ref[tile_rows, pl.ds(j * cols, cols)] = jnp.zeros((rows, cols), out_ref.dtype)
 
 
 def _backward_kernel(live_ref, gate_up_ref, d_hidden_ref, out_ref, *, rows: int, cols: int,
-                     hidden: int):
+                     hidden: int, fill_tail: bool):
     i, j = pl.program_id(0), pl.program_id(1)
     tile_rows = pl.ds(i * rows, rows)
     gate_cols, up_cols = pl.ds(j * cols, cols), pl.ds(hidden + j * cols, cols)
@@ -70,43 +72,44 @@ def _backward_kernel(live_ref, gate_up_ref, d_hidden_ref, out_ref, *, rows: int,
             d_hidden * up * sig * (1.0 + gate * (1.0 - sig))).astype(out_ref.dtype)
         out_ref[tile_rows, up_cols] = (d_hidden * gate * sig).astype(out_ref.dtype)
 
-    @pl.when(i * rows >= live_ref[0])
-    def _():
-        zeros = jnp.zeros((rows, cols), out_ref.dtype)
-        out_ref[tile_rows, gate_cols] = zeros
-        out_ref[tile_rows, up_cols] = zeros
+    if fill_tail:
+        @pl.when(i * rows >= live_ref[0])
+        def _():
+            zeros = jnp.zeros((rows, cols), out_ref.dtype)
+            out_ref[tile_rows, gate_cols] = zeros
+            out_ref[tile_rows, up_cols] = zeros
 
 
-def _launch(kernel, live, arrays, out_shape, dtype, interpret: bool):
+def _launch(kernel, live, arrays, out_shape, dtype, interpret: bool, fill_tail: bool):
     m, hidden = arrays[0].shape[0], arrays[0].shape[1] // 2
     rows, cols = _tile(m, ROWS), _tile(hidden, COLUMNS)
     operands = platform.vary_together(live.reshape(1).astype(jnp.int32), *arrays)
     out_type = platform.out_struct(out_shape, dtype, *operands)
-    body = functools.partial(kernel, rows=rows, cols=cols, hidden=hidden)
+    body = functools.partial(kernel, rows=rows, cols=cols, hidden=hidden, fill_tail=fill_tail)
     return _call(body, (m // rows, hidden // cols), out_type, interpret)(*operands)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _swiglu(gate_up, live, mode):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _swiglu(gate_up, live, mode, fill_tail):
     if mode == "xla":
         gate, up = jnp.split(gate_up, 2, axis=1)
         return jax.nn.silu(gate) * up
     m, two_f = gate_up.shape
     return _launch(_forward_kernel, live, (gate_up,), (m, two_f // 2), gate_up.dtype,
-                   mode == "interpret")
+                   mode == "interpret", fill_tail)
 
 
-def _swiglu_fwd(gate_up, live, mode):
-    return _swiglu(gate_up, live, mode), (gate_up, live)
+def _swiglu_fwd(gate_up, live, mode, fill_tail):
+    return _swiglu(gate_up, live, mode, fill_tail), (gate_up, live)
 
 
-def _swiglu_bwd(mode, residuals, d_hidden):
+def _swiglu_bwd(mode, fill_tail, residuals, d_hidden):
     gate_up, live = residuals
     d_hidden = d_hidden.astype(gate_up.dtype)
     if mode == "xla":
         return _swiglu_xla_bwd(gate_up, d_hidden), None
     d_gate_up = _launch(_backward_kernel, live, (gate_up, d_hidden), gate_up.shape,
-                        gate_up.dtype, mode == "interpret")
+                        gate_up.dtype, mode == "interpret", fill_tail)
     return d_gate_up, None
 
 
@@ -121,9 +124,12 @@ def _swiglu_xla_bwd(gate_up, d_hidden):
 _swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)
 
 
-def swiglu(gate_up: jax.Array, live: jax.Array, *, interpret: bool | None = None) -> jax.Array:
-    """gate_up [M, 2f] (gate columns then up columns), live: rows [0, live) hold items and the
-    rest are zero → silu(gate) · up [M, f], zeros past ``live``; differentiable.
+def swiglu(gate_up: jax.Array, live: jax.Array, *, fill_tail: bool = True,
+           interpret: bool | None = None) -> jax.Array:
+    """gate_up [M, 2f] (gate columns then up columns), live: rows [0, live) hold items →
+    silu(gate) · up [M, f]; differentiable. Rows past ``live`` are zeros (gate|up must be zero
+    there too), or with ``fill_tail=False`` undefined in the output and the gradient (the
+    kernel neither reads nor writes whole tiles of them; XLA computes them anyway).
 
     ``interpret``: None runs the Triton kernel on GPU and XLA elsewhere; True the kernel in
     the Pallas interpreter.
@@ -137,4 +143,4 @@ def swiglu(gate_up: jax.Array, live: jax.Array, *, interpret: bool | None = None
         mode = "xla"
     else:
         mode = "gpu"
-    return _swiglu(gate_up, jnp.asarray(live, jnp.int32), mode)
+    return _swiglu(gate_up, jnp.asarray(live, jnp.int32), mode, fill_tail)

@@ -7,7 +7,8 @@ ring of shared-memory stages, without restarting per tile, so the next tile's fi
 arrive while the compute warpgroups still write the current tile's output (JAX's
 ``emit_pipeline_warp_specialized`` cannot chain pipelines whose length is dynamic, and a group's
 block count is). The two compute warpgroups zero the rows of their half of the ``rhs`` block
-that belong to a neighbouring group (first and last block only) and accumulate
+and of the ``lhs`` block that lie outside the group (first and last block only: a neighbouring
+group's rows, or rows past the groups, which may hold anything, NaN included) and accumulate
 ``lhs_block.T @ rhs_block`` with wgmma in float32. Empty groups write zeros.
 """
 
@@ -123,12 +124,18 @@ def tgmm_call(
                         b = rhs_smem.at[slot, :, pl.ds(wg * tn, tn)]
 
                         @pl.when((r == 0) | (r == nblocks - 1))
-                        def _mask():
-                            row = lax.broadcasted_iota(jnp.int32, (tm, tn), 0)
-                            if not interpret:  # the interpreter has no layouts
-                                row = plgpu.layout_cast(row, plgpu.Layout.WGMMA)
-                            keep = (row + r * tm >= lo) & (row + r * tm < hi)
-                            b[...] = jnp.where(keep, b[...], jnp.zeros_like(b[...]))
+                        def _mask():  # rows of other groups, or undefined rows past them
+                            def keep(cols):
+                                row = lax.broadcasted_iota(jnp.int32, (tm, cols), 0)
+                                if not interpret:  # the interpreter has no layouts
+                                    row = plgpu.layout_cast(row, plgpu.Layout.WGMMA)
+                                return (row + r * tm >= lo) & (row + r * tm < hi)
+
+                            b[...] = jnp.where(keep(tn), b[...], jnp.zeros_like(b[...]))
+                            # lhs too (both warpgroups write the same zeros): a NaN there
+                            # times a zeroed rhs row would still be NaN
+                            a = lhs_smem.at[slot]
+                            a[...] = jnp.where(keep(tk), a[...], jnp.zeros_like(a[...]))
                             plgpu.commit_smem()
 
                         mma(acc, lhs_smem.at[slot], b, transpose_a=True, transpose_b=False,

@@ -50,12 +50,13 @@ def _kernels(x: jax.Array) -> bool:
     return jax.devices()[0].platform == "gpu" and x.shape[1] >= KERNEL_MIN_WIDTH
 
 
-def _take(x: jax.Array, index: jax.Array, kernels: bool) -> jax.Array:
-    """x[index] along axis 0 with zeros where index < 0."""
+def _take(x: jax.Array, index: jax.Array, kernels: bool, fill_empty: bool = True) -> jax.Array:
+    """x[index] along axis 0 with zeros where index < 0 (undefined on the kernels without
+    fill_empty)."""
     if kernels:
         from kernels.row_gather import gather_rows
 
-        return gather_rows(x, index)
+        return gather_rows(x, index, fill_empty=fill_empty)
     safe = jnp.where(index < 0, x.shape[0], index)
     return jnp.take(x, safe, axis=0, mode="fill", fill_value=0)
 
@@ -75,21 +76,24 @@ def _sum_links(b: jax.Array, a_dst: jax.Array, b_weight: jax.Array | None, out_d
     return total.astype(out_dtype)
 
 
-def expand_rows(a: jax.Array, b_src: jax.Array, a_dst: jax.Array) -> jax.Array:
-    """Buffer rows copied from source rows: out[b] = a[b_src[b]], zeros where b_src[b] < 0."""
-    return _expand(a, b_src, a_dst, _kernels(a))
+def expand_rows(a: jax.Array, b_src: jax.Array, a_dst: jax.Array, *,
+                fill_empty: bool = True) -> jax.Array:
+    """Buffer rows copied from source rows: out[b] = a[b_src[b]], zeros where b_src[b] < 0 —
+    or, with ``fill_empty=False``, undefined there on the kernels (for callers that never read
+    empty rows: a worst-case-sized buffer is mostly empty)."""
+    return _expand(a, b_src, a_dst, _kernels(a), fill_empty)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _expand(a, b_src, a_dst, kernels):
-    return _take(a, b_src, kernels)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _expand(a, b_src, a_dst, kernels, fill_empty):
+    return _take(a, b_src, kernels, fill_empty)
 
 
-def _expand_fwd(a, b_src, a_dst, kernels):
-    return _take(a, b_src, kernels), (b_src, a_dst)
+def _expand_fwd(a, b_src, a_dst, kernels, fill_empty):
+    return _take(a, b_src, kernels, fill_empty), (b_src, a_dst)
 
 
-def _expand_bwd(kernels, residuals, g_b):
+def _expand_bwd(kernels, fill_empty, residuals, g_b):
     _, a_dst = residuals
     return _sum_links(g_b, a_dst, None, g_b.dtype, kernels), None, None
 
@@ -98,31 +102,33 @@ _expand.defvjp(_expand_fwd, _expand_bwd)
 
 
 def reduce_rows(b: jax.Array, a_dst: jax.Array, b_src: jax.Array,
-                b_weight: jax.Array | None = None) -> jax.Array:
-    """Source rows summed from their buffer rows, optionally weighted per buffer row."""
-    return _reduce(b, a_dst, b_src, b_weight, _kernels(b))
+                b_weight: jax.Array | None = None, *, fill_empty: bool = True) -> jax.Array:
+    """Source rows summed from their buffer rows, optionally weighted per buffer row. Empty
+    buffer rows get zero gradient, or undefined with ``fill_empty=False`` (see expand_rows)."""
+    return _reduce(b, a_dst, b_src, b_weight, _kernels(b), fill_empty)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _reduce(b, a_dst, b_src, b_weight, kernels):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _reduce(b, a_dst, b_src, b_weight, kernels, fill_empty):
     return _sum_links(b, a_dst, b_weight, b.dtype, kernels)
 
 
-def _reduce_fwd(b, a_dst, b_src, b_weight, kernels):
+def _reduce_fwd(b, a_dst, b_src, b_weight, kernels, fill_empty):
     out = _sum_links(b, a_dst, b_weight, b.dtype, kernels)
     saved_b = None if b_weight is None else b  # b is only needed for the weight gradient
     return out, (saved_b, b_src, b_weight, jnp.zeros((), b.dtype))
 
 
-def _reduce_bwd(kernels, residuals, g_a):
+def _reduce_bwd(kernels, fill_empty, residuals, g_a):
     b, b_src, b_weight, dtype_of_b = residuals
     if kernels:
         from kernels.row_gather import gather_rows
 
         if b_weight is None:
-            return gather_rows(g_a, b_src, out_dtype=dtype_of_b.dtype), None, None, None
+            return gather_rows(g_a, b_src, out_dtype=dtype_of_b.dtype,
+                               fill_empty=fill_empty), None, None, None
         g_b, g_weight = gather_rows(g_a, b_src, scale=b_weight, dot_with=b,
-                                    out_dtype=dtype_of_b.dtype)
+                                    out_dtype=dtype_of_b.dtype, fill_empty=fill_empty)
         return g_b, None, None, g_weight.astype(b_weight.dtype)
     g_per_b = _take(g_a, b_src, False).astype(jnp.float32)  # [B, d]
     g_weight = None

@@ -13,6 +13,7 @@ import pytest
 from kernels import grouped_matmul as gm
 from kernels import schedule
 
+ON_GPU = jax.default_backend() == "gpu"
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 # float32 operands: exact in the CPU interpreter, TF32 tensor-core products on a GPU.
 F32_TOL = 1e-4 if jax.default_backend() == "cpu" else 5e-3
@@ -83,6 +84,40 @@ def test_gmm_matches_numpy(dtype, transpose):
     tol = F32_TOL if dtype == "float32" else 1e-4
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=tol * np.abs(want).max())
     assert np.all(got[sizes.sum():] == 0)
+
+
+def test_tgmm_ignores_nan_rows_past_the_groups():
+    """Rows past the last group may hold anything (gmm with fill_tail=False leaves them
+    unwritten): NaN and inf there, in both operands, must not reach the weight gradient."""
+    rng = np.random.default_rng()
+    m, k, n, g = 320, 128, 256, 4
+    sizes = random_sizes(rng, m, g, empty=1, tail=77)
+    used = int(sizes.sum())
+    x_np, y_np = rng.standard_normal((m, k)), rng.standard_normal((m, n))
+    x_np[used:], y_np[used::2], y_np[used + 1::2] = np.nan, np.inf, np.nan
+    x, y = jnp.asarray(x_np, jnp.bfloat16), jnp.asarray(y_np, jnp.bfloat16)
+    got = np.asarray(gm.tgmm(x, y, jnp.asarray(sizes), preferred_element_type=jnp.float32),
+                     np.float64)
+    want = np_tgmm(f64(x)[:used], f64(y)[:used], sizes)
+    assert np.isfinite(got).all()
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4 * np.abs(want).max())
+
+
+def test_gmm_can_leave_rows_past_the_groups_unwritten():
+    """fill_tail=False skips the zero tiles; the rows within the groups are unchanged (the
+    interpreter fills unwritten output with NaN, so the tail shows it was not written)."""
+    rng = np.random.default_rng()
+    m, k, n, g = 300, 128, 256, 5
+    sizes = random_sizes(rng, m, g, empty=1, tail=140)
+    x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
+    w = jnp.asarray(rng.standard_normal((g, k, n)) / np.sqrt(k), jnp.bfloat16)
+    used = int(sizes.sum())
+    full = np.asarray(gm.gmm(x, w, jnp.asarray(sizes)), np.float32)
+    lean = np.asarray(gm.gmm(x, w, jnp.asarray(sizes), fill_tail=False), np.float32)
+    np.testing.assert_array_equal(lean[:used], full[:used])
+    assert np.all(full[used:] == 0)
+    if not ON_GPU:
+        assert np.isnan(lean[-(m - used) // 2:]).all()
 
 
 def test_tgmm_matches_numpy_and_zeroes_empty_groups():
@@ -237,7 +272,7 @@ def test_compiled_kernels_lower_for_cuda():
     m, k, n, g = 1024, 256, 512, 8
 
     def forward(x, w, sizes):
-        return gm._gmm(x, w, sizes, x.dtype, "gpu")  # the GPU path, whatever this machine is
+        return gm._gmm(x, w, sizes, x.dtype, "gpu", True)  # the GPU path, whatever this machine is
 
     def loss(x, w, sizes):
         return jnp.sum(forward(x, w, sizes).astype(jnp.float32))

@@ -184,3 +184,18 @@ def test_row_maps_lower_to_triton_for_cuda(monkeypatch):
                                  (sharded, on_mesh, 2),
                                  (jax.grad(sharded_loss, (0, 1)), on_mesh, 3)]:
         assert cuda_module_text(fn, fn_args, [target]).count(f"@{target}(") == kernels
+
+
+def test_expand_without_fill_empty_matches_on_linked_rows():
+    """fill_empty=False changes nothing on rows that have a source, values or gradients."""
+    rng = np.random.default_rng()
+    b_src, a_dst = random_links(rng, 20, 96, 3)
+    a = jnp.asarray(rng.standard_normal((20, 64)), jnp.float32)
+    g_b = jnp.asarray(rng.standard_normal((96, 64)), jnp.float32)
+    linked = np.asarray(b_src) >= 0
+    with use_kernels(True):
+        results = [jax.vjp(lambda a, fill=fill: expand_rows(a, b_src, a_dst, fill_empty=fill), a)
+                   for fill in (True, False)]
+        (full, full_vjp), (lean, lean_vjp) = results
+        np.testing.assert_array_equal(np.asarray(lean)[linked], np.asarray(full)[linked])
+        np.testing.assert_array_equal(lean_vjp(g_b)[0], full_vjp(g_b)[0])
