@@ -36,6 +36,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
 from kernels import platform
+from kernels.triton_launch import load_rows as _load_rows
 
 MIN_TILE = 16  # smallest Triton dot operand edge
 EPILOGUE_BYTES = 32 * 1024  # shared memory left to Triton beside the pipelined operand tiles
@@ -100,14 +101,6 @@ def _call(kernel, grid, out_shape, tiling: GatherTiling, interpret: bool, aliase
 def _dot(a, b, contract_a: int = 1, contract_b: int = 0):
     return jax.lax.dot_general(a, b, (((contract_a,), (contract_b,)), ((), ())),
                                preferred_element_type=jnp.float32)
-
-
-def _load_rows(ref, rows, valid, cols):
-    """ref[rows[:, None], cols[None, :]], zeros where ~valid (full index arrays: interpretable)."""
-    r = jnp.broadcast_to(jnp.where(valid, rows, 0)[:, None], (rows.shape[0], cols.shape[0]))
-    c = jnp.broadcast_to(cols[None, :], r.shape)
-    return plt.load(ref.at[r, c], mask=jnp.broadcast_to(valid[:, None], r.shape),
-                    other=jnp.zeros((), ref.dtype))
 
 
 def _times_weight_tile(a, w_ref, g, k0, n0, bk, bn, transpose_w: bool):

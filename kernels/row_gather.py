@@ -26,6 +26,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
 from kernels import platform
+from kernels.triton_launch import call, load_rows, pow2_tile
 
 # Tiles: the best of `benchmarks/row_maps.py --sweep` on an H200 (bf16, width 2048): 16 × 256
 # was within 2% of the best at every map; 16 × 512 and larger tiles were up to 1.4× slower on
@@ -35,37 +36,16 @@ COLUMNS = 256  # columns per program at most
 NUM_WARPS = 4
 
 
-def _tile(dim: int, preferred: int) -> int:
-    """Largest power of two ≤ preferred dividing dim (1 at worst)."""
-    tile = preferred
-    while dim % tile:
-        tile //= 2
-    return tile
-
-
 def _interpret(interpret: bool | None) -> bool:
     if interpret is None:
         return platform.backend() != "gpu"
     return interpret
 
 
-def _load_rows(ref, rows, valid, cols):
-    """ref[rows[:, None], cols[None, :]], zeros where ~valid (full index arrays: interpretable)."""
-    r = jnp.broadcast_to(jnp.where(valid, rows, 0)[:, None], (rows.shape[0], cols.shape[0]))
-    c = jnp.broadcast_to(cols[None, :], r.shape)
-    return plt.load(ref.at[r, c], mask=jnp.broadcast_to(valid[:, None], r.shape),
-                    other=jnp.zeros((), ref.dtype))
-
-
 def _load_scalars(ref, index, valid):
     """ref[index] for a 1-D ref, zeros where ~valid."""
-    return plt.load(ref.at[jnp.where(valid, index, 0)], mask=valid, other=jnp.zeros((), ref.dtype))
-
-
-def _call(kernel, grid, out_shape, interpret: bool):
-    params = None if interpret else plt.CompilerParams(num_warps=NUM_WARPS, num_stages=1)
-    return pl.pallas_call(kernel, grid=grid, out_shape=out_shape, interpret=interpret,
-                          compiler_params=params)
+    return plt.load(ref.at[jnp.where(valid, index, 0)], mask=valid,
+                    other=jnp.zeros((), ref.dtype))
 
 
 def _gather_kernel(index_ref, scale_ref, a_ref, other_ref, out_ref, *dot_ref, rows: int,
@@ -74,9 +54,9 @@ def _gather_kernel(index_ref, scale_ref, a_ref, other_ref, out_ref, *dot_ref, ro
     tile_rows, tile_cols = pl.ds(i * rows, rows), pl.ds(j * cols, cols)
     index = index_ref[tile_rows]
     valid, columns = index >= 0, j * cols + jnp.arange(cols)
-    x = _load_rows(a_ref, index, valid, columns).astype(jnp.float32)
+    x = load_rows(a_ref, index, valid, columns).astype(jnp.float32)
     if dot_ref:  # this column tile's share of the row dot product; empty rows read nothing
-        other = _load_rows(other_ref, i * rows + jnp.arange(rows), valid, columns)
+        other = load_rows(other_ref, i * rows + jnp.arange(rows), valid, columns)
         dot_ref[0][j, tile_rows] = jnp.sum(x * other.astype(jnp.float32), axis=1)
     if scaled:
         x = x * scale_ref[tile_rows].astype(jnp.float32)[:, None]
@@ -112,7 +92,7 @@ def gather_rows(a: jax.Array, index: jax.Array, *, scale: jax.Array | None = Non
         out = jnp.zeros((b, d), out_dtype or a.dtype)
         return out if dot_with is None else (out, jnp.zeros((b,), jnp.float32))
     interpret = _interpret(interpret)
-    rows, cols = _tile(b, ROWS), _tile(d, COLUMNS)
+    rows, cols = pow2_tile(b, ROWS), pow2_tile(d, COLUMNS)
     scaled, dotted = scale is not None, dot_with is not None
     operands = platform.vary_together(
         index.astype(jnp.int32), jnp.zeros((1,), jnp.float32) if scale is None else scale, a,
@@ -122,7 +102,8 @@ def gather_rows(a: jax.Array, index: jax.Array, *, scale: jax.Array | None = Non
         out_type.append(platform.out_struct((d // cols, b), jnp.float32, *operands))
     kernel = functools.partial(_gather_kernel, rows=rows, cols=cols, scaled=scaled,
                                fill_empty=fill_empty)
-    outs = _call(kernel, (b // rows, d // cols), tuple(out_type), interpret)(*operands)
+    outs = call(kernel, (b // rows, d // cols), tuple(out_type), num_warps=NUM_WARPS,
+                interpret=interpret)(*operands)
     return outs[0] if not dotted else (outs[0], jnp.sum(outs[1], axis=0))
 
 
@@ -134,7 +115,7 @@ def _sum_kernel(slots_ref, weight_ref, b_ref, out_ref, *, rows: int, cols: int, 
     for p in range(slots_ref.shape[1]):
         slot = slots_ref[tile_rows, p]
         valid = slot >= 0
-        x = _load_rows(b_ref, slot, valid, columns).astype(jnp.float32)
+        x = load_rows(b_ref, slot, valid, columns).astype(jnp.float32)
         if weighted:
             x = x * _load_scalars(weight_ref, slot, valid).astype(jnp.float32)[:, None]
         acc = acc + x
@@ -155,10 +136,11 @@ def sum_rows(b: jax.Array, slots: jax.Array, *, weight: jax.Array | None = None,
     if a == 0 or d == 0 or pairs == 0 or b.shape[0] == 0:
         return jnp.zeros((a, d), out_dtype or b.dtype)
     interpret = _interpret(interpret)
-    rows, cols = _tile(a, ROWS), _tile(d, COLUMNS)
+    rows, cols = pow2_tile(a, ROWS), pow2_tile(d, COLUMNS)
     weighted = weight is not None
     operands = platform.vary_together(
         slots.astype(jnp.int32), jnp.zeros((1,), jnp.float32) if weight is None else weight, b)
     out_type = platform.out_struct((a, d), out_dtype or b.dtype, *operands)
     kernel = functools.partial(_sum_kernel, rows=rows, cols=cols, weighted=weighted)
-    return _call(kernel, (a // rows, d // cols), out_type, interpret)(*operands)
+    return call(kernel, (a // rows, d // cols), out_type, num_warps=NUM_WARPS,
+                interpret=interpret)(*operands)

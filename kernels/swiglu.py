@@ -16,26 +16,13 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as plt
 
 from kernels import platform
+from kernels.triton_launch import call, pow2_tile
 
 ROWS = 16  # rows per program at most
 COLUMNS = 256  # hidden columns per program at most
 NUM_WARPS = 4
-
-
-def _tile(dim: int, preferred: int) -> int:
-    tile = preferred
-    while dim % tile:
-        tile //= 2
-    return tile
-
-
-def _call(kernel, grid, out_type, interpret: bool):
-    params = None if interpret else plt.CompilerParams(num_warps=NUM_WARPS, num_stages=1)
-    return pl.pallas_call(kernel, grid=grid, out_shape=out_type, interpret=interpret,
-                          compiler_params=params)
 
 
 def _forward_kernel(live_ref, gate_up_ref, out_ref, *, rows: int, cols: int, hidden: int,
@@ -82,11 +69,12 @@ def _backward_kernel(live_ref, gate_up_ref, d_hidden_ref, out_ref, *, rows: int,
 
 def _launch(kernel, live, arrays, out_shape, dtype, interpret: bool, fill_tail: bool):
     m, hidden = arrays[0].shape[0], arrays[0].shape[1] // 2
-    rows, cols = _tile(m, ROWS), _tile(hidden, COLUMNS)
+    rows, cols = pow2_tile(m, ROWS), pow2_tile(hidden, COLUMNS)
     operands = platform.vary_together(live.reshape(1).astype(jnp.int32), *arrays)
     out_type = platform.out_struct(out_shape, dtype, *operands)
     body = functools.partial(kernel, rows=rows, cols=cols, hidden=hidden, fill_tail=fill_tail)
-    return _call(body, (m // rows, hidden // cols), out_type, interpret)(*operands)
+    return call(body, (m // rows, hidden // cols), out_type, num_warps=NUM_WARPS,
+                interpret=interpret)(*operands)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
