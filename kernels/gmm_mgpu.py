@@ -244,9 +244,10 @@ def gmm_call(
                                                 int(plgpu.PipelinePipeline.STEADY)))
                     matmul(ti, ni, state)
 
-            zero_tiles = (count_ref[0] - live) * n_iters if fill_tail else 0
+            if not fill_tail:
+                return
 
-            @plgpu.nd_loop((zero_tiles,), collective_axes="sm")
+            @plgpu.nd_loop(((count_ref[0] - live) * n_iters,), collective_axes="sm")
             def _zero_tile(info):
                 ti = live + info.index[0] // n_iters
 

@@ -9,7 +9,8 @@
   weight tiles are not (Mosaic refuses the lowering).
 
 ``gmm`` is a ``jax.custom_vjp``: d lhs = gmm(d out, rhs transposed), d rhs = tgmm(lhs, d out).
-Rows past ``sum(group_sizes)`` give zero outputs and receive zero gradients. ``gather_gmm`` is
+Rows past ``sum(group_sizes)`` give zero outputs and receive zero gradients (or are left
+unwritten with ``fill_tail=False``). ``gather_gmm`` is
 ``gmm`` of ``x[rows]`` whose GPU kernel reads the rows through the index vector
 (``gather_gmm_mgpu``); its x gradient sums the transposed product over the items of each row.
 """

@@ -79,10 +79,10 @@ def _launch(kernel, live, arrays, out_shape, dtype, interpret: bool, fill_tail: 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def _swiglu(gate_up, live, mode, fill_tail):
-    if mode == "xla":
-        gate, up = jnp.split(gate_up, 2, axis=1)
-        return jax.nn.silu(gate) * up
     m, two_f = gate_up.shape
+    if mode == "xla" or m == 0 or two_f == 0:
+        gate, up = jnp.split(gate_up.astype(jnp.float32), 2, axis=1)
+        return (jax.nn.silu(gate) * up).astype(gate_up.dtype)  # float32, as the kernel
     return _launch(_forward_kernel, live, (gate_up,), (m, two_f // 2), gate_up.dtype,
                    mode == "interpret", fill_tail)
 
@@ -94,7 +94,7 @@ def _swiglu_fwd(gate_up, live, mode, fill_tail):
 def _swiglu_bwd(mode, fill_tail, residuals, d_hidden):
     gate_up, live = residuals
     d_hidden = d_hidden.astype(gate_up.dtype)
-    if mode == "xla":
+    if mode == "xla" or gate_up.size == 0:
         return _swiglu_xla_bwd(gate_up, d_hidden), None
     d_gate_up = _launch(_backward_kernel, live, (gate_up, d_hidden), gate_up.shape,
                         gate_up.dtype, mode == "interpret", fill_tail)

@@ -124,15 +124,21 @@ def swiglu_combine(rows: jax.Array, items: ExpertPlan, item_weight: jax.Array,
 def _pallas_swiglu_combine(rows, items: ExpertPlan, item_weight, w_gate, w_up, w_down):
     """The Pallas path. The item buffer is sized for the worst case (every row listing
     min(k, E/N) experts) and mostly padding: 131k live of 524k rows at the OLMoE shape on 4
-    devices. Every step here only reads live items, so the padding rows of the item arrays,
-    forward and backward, are left unwritten (``fill_tail`` / ``fill_empty``) instead of
-    zero-filled."""
+    devices. With the "pallas" layout (no padding inside groups) the padding is the tail past
+    the groups; no step here reads it except row by row in the last, partly filled tile (whose
+    results land in the tail again), and tgmm masks rows outside each group. So the tail of the
+    item arrays is left unwritten (``fill_tail`` / ``fill_empty``), forward and backward,
+    instead of zero-filled."""
+    from kernels import swiglu as swiglu_kernel
     from kernels.grouped_matmul import gmm
-    from kernels.swiglu import swiglu
 
+    if items.block_group.shape != items.item_row.shape:
+        raise ValueError("the pallas expert path needs a plan with block=1 "
+                         "(make_expert_plan(..., *row_layout('pallas'))): padding inside groups "
+                         "would be left undefined")
     gate_up = gate_up_items(rows, items.item_row, items.row_items, items.group_sizes,
                             jnp.concatenate([w_gate, w_up], axis=2))
-    hidden = swiglu(gate_up, jnp.sum(items.group_sizes), fill_tail=False)
+    hidden = swiglu_kernel.swiglu(gate_up, jnp.sum(items.group_sizes), fill_tail=False)
     y_items = gmm(hidden, w_down, items.group_sizes, fill_tail=False)
     return reduce_rows(y_items, items.row_items, items.item_row, item_weight, fill_empty=False)
 

@@ -30,7 +30,8 @@ _FORCE_KERNELS: bool | None = None
 def use_kernels(enabled: bool | None):
     """Row maps called within the block run on the Pallas kernels (True; interpreted off GPU),
     on XLA gathers (False), or on whichever suits the platform (None, the default). The choice
-    is made when a map is traced and holds for its gradient too."""
+    is made when a map is traced and holds for its gradient too. It is not part of jit's cache
+    key: a function already traced keeps its choice, so trace a fresh function in the block."""
     global _FORCE_KERNELS
     saved, _FORCE_KERNELS = _FORCE_KERNELS, enabled
     try:
@@ -136,7 +137,9 @@ def _reduce_bwd(kernels, fill_empty, residuals, g_a):
         g_b = g_per_b
     else:
         g_b = g_per_b * b_weight.astype(jnp.float32)[:, None]
-        g_weight = jnp.sum(g_per_b * b.astype(jnp.float32), axis=-1).astype(b_weight.dtype)
+        linked = (b_src >= 0)[:, None]  # empty rows of b may be undefined (NaN · 0 = NaN)
+        g_weight = jnp.sum(jnp.where(linked, g_per_b * b.astype(jnp.float32), 0.0),
+                           axis=-1).astype(b_weight.dtype)
     return g_b.astype(dtype_of_b.dtype), None, None, g_weight
 
 

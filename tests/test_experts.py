@@ -174,3 +174,41 @@ def test_pallas_gate_up_reads_rows_through_the_plan_unless_differentiated(monkey
     for a, b in zip(grads, jax.grad(loss(ref), (0, 1))(rows, w), strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4,
                                    atol=1e-4 * float(np.abs(np.asarray(b)).max()))
+
+
+def test_pallas_expert_compute_on_interpreted_kernels_matches_ragged_dot(monkeypatch):
+    """The combination the GPU runs, interpreted on CPU: row-map kernels, the SwiGLU kernel and
+    gmm leaving the item buffer's padding unwritten (the interpreter fills it with NaN, so any
+    read of it would show). Values and gradients (rows, routing weights, the three expert
+    weights) equal ragged_dot's with XLA row maps."""
+    import functools
+
+    from kernels import swiglu as swiglu_module
+    from occult_jax.dispatch import ExpertWeights, compute_experts
+    from occult_jax.row_maps import use_kernels
+
+    monkeypatch.setattr(swiglu_module, "swiglu",
+                        functools.partial(swiglu_module.swiglu, interpret=True))
+    rng = np.random.default_rng()
+    rows_n, pairs, experts, d, f = 40, 3, 4, 128, 128
+    slot = jnp.asarray(random_slots(rng, rows_n, pairs, experts, rng.integers(experts)),
+                       jnp.int32)
+    args = [jnp.asarray(rng.standard_normal(s) * scale, jnp.float32) for s, scale in [
+        ((rows_n, d), 1.0), ((rows_n, pairs), 1.0), ((experts, d, f), d ** -0.5),
+        ((experts, d, f), d ** -0.5), ((experts, f, d), f ** -0.5)]]
+    cot = jnp.asarray(rng.standard_normal((rows_n, d)), jnp.float32)
+
+    def loss(backend, kernels):
+        def fn(rows, slot_weight, w_gate, w_up, w_down):
+            weights = ExpertWeights(jnp.zeros((d, 1)), w_gate, w_up, w_down, jnp.zeros((1, 1)))
+            with use_kernels(kernels):
+                out = compute_experts(rows, slot, slot_weight, weights, backend)
+            return jnp.sum(out * cot), out
+        return jax.value_and_grad(fn, argnums=tuple(range(5)), has_aux=True)
+
+    (_, want), want_grads = loss("ragged_dot", False)(*args)
+    (_, got), got_grads = loss("pallas", True)(*args)
+    for a, b in zip((got, *got_grads), (want, *want_grads), strict=True):
+        a, b = np.asarray(a), np.asarray(b)
+        assert np.isfinite(a).all()
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * float(np.abs(b).max()))

@@ -199,3 +199,24 @@ def test_expand_without_fill_empty_matches_on_linked_rows():
         (full, full_vjp), (lean, lean_vjp) = results
         np.testing.assert_array_equal(np.asarray(lean)[linked], np.asarray(full)[linked])
         np.testing.assert_array_equal(lean_vjp(g_b)[0], full_vjp(g_b)[0])
+
+
+@pytest.mark.parametrize("kernels", IMPLS)
+def test_reduce_gradients_ignore_undefined_empty_rows(kernels):
+    """Empty buffer rows may hold anything (a grouped matmul leaves them unwritten): NaN there
+    must not reach the weight gradient or the linked rows' gradients."""
+    rng = np.random.default_rng()
+    b_src, a_dst = random_links(rng, 16, 64, 3)
+    empty = np.asarray(b_src) < 0
+    b = rng.standard_normal((64, 64))
+    b[empty] = np.nan
+    b = jnp.asarray(b, jnp.float32)
+    w = jnp.asarray(rng.uniform(size=64), jnp.float32)
+    g_a = jnp.asarray(rng.standard_normal((16, 64)), jnp.float32)
+    with use_kernels(kernels):
+        out, vjp = jax.vjp(lambda b, w: reduce_rows(b, a_dst, b_src, w, fill_empty=False), b, w)
+        g_b, g_w = vjp(g_a)
+    assert np.isfinite(np.asarray(out)).all()
+    assert np.isfinite(np.asarray(g_w)).all()
+    assert np.isfinite(np.asarray(g_b)[~empty]).all()
+    np.testing.assert_array_equal(np.asarray(g_w)[empty], 0.0)
