@@ -169,36 +169,36 @@ def bench_case(shape: str, n: int, tilings, timed, args, every_row: list) -> lis
                     return inner(*a)
             return on_xla_gathers
         if backend == "pallas-copy":
-            return copy_then_gmm
+            return on_pallas_plan(copy_then_gmm)
         if backend == "pallas-copy-cat":
-            return copy_then_concatenated_gmm
+            return on_pallas_plan(copy_then_concatenated_gmm)
         if backend == "pallas-split":
-            return split_gather
+            return on_pallas_plan(split_gather)
         return lambda x, sw, ws: compute_experts(x, slot, sw, ws, backend)
 
-    def split_gather(x, sw, ws):
-        plan = make_expert_plan(slot, local, *row_layout("pallas"))
-        w_items = item_weights(plan, sw)
+    def on_pallas_plan(item_outputs):
+        """A variant from its item-order SwiGLU item_outputs(x, plan, ws): the pallas plan
+        before it, the weighted reduce to rows after it."""
+        def fn(x, sw, ws):
+            plan = make_expert_plan(slot, local, *row_layout("pallas"))
+            y_items = item_outputs(x, plan, ws)
+            return reduce_rows(y_items, plan.row_items, plan.item_row, item_weights(plan, sw))
+        return fn
+
+    def split_gather(x, plan, ws):
         gate, up = (gather_gmm(x, plan.item_row, w, plan.group_sizes, row_items=plan.row_items)
                     for w in (ws.w_gate, ws.w_up))
-        y_items = gmm(jax.nn.silu(gate) * up, ws.w_down, plan.group_sizes)
-        return reduce_rows(y_items, plan.row_items, plan.item_row, w_items)
+        return gmm(jax.nn.silu(gate) * up, ws.w_down, plan.group_sizes)
 
-    def copy_then_concatenated_gmm(x, sw, ws):
-        plan = make_expert_plan(slot, local, *row_layout("pallas"))
-        w_items = item_weights(plan, sw)
+    def copy_then_concatenated_gmm(x, plan, ws):
         x_items = expand_rows(x, plan.item_row, plan.row_items)
         gate_up = gmm(x_items, jnp.concatenate([ws.w_gate, ws.w_up], axis=2), plan.group_sizes)
         gate, up = jnp.split(gate_up, 2, axis=1)
-        y_items = gmm(jax.nn.silu(gate) * up, ws.w_down, plan.group_sizes)
-        return reduce_rows(y_items, plan.row_items, plan.item_row, w_items)
+        return gmm(jax.nn.silu(gate) * up, ws.w_down, plan.group_sizes)
 
-    def copy_then_gmm(x, sw, ws):
-        plan = make_expert_plan(slot, local, *row_layout("pallas"))
-        w_items = item_weights(plan, sw)
+    def copy_then_gmm(x, plan, ws):
         x_items = expand_rows(x, plan.item_row, plan.row_items)
-        y_items = grouped_swiglu(x_items, plan, ws.w_gate, ws.w_up, ws.w_down, "pallas")
-        return reduce_rows(y_items, plan.row_items, plan.item_row, w_items)
+        return grouped_swiglu(x_items, plan, ws.w_gate, ws.w_up, ws.w_down, "pallas")
 
     def fused(tiling):
         def fn(x, sw, ws):

@@ -36,6 +36,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
 from kernels import platform
+from kernels.swiglu import swiglu_f32, swiglu_grads_f32
 from kernels.triton_launch import load_rows as _load_rows
 
 MIN_TILE = 16  # smallest Triton dot operand edge
@@ -145,7 +146,7 @@ def _gather_swiglu_kernel(item_row_ref, block_group_ref, used_ref, x_ref, wg_ref
     # differentiates exactly the function the forward evaluated
     gate = gate.astype(hidden_ref.dtype).astype(jnp.float32)
     up = up.astype(hidden_ref.dtype).astype(jnp.float32)
-    hidden_ref[tile] = (gate * jax.nn.sigmoid(gate) * up).astype(hidden_ref.dtype)
+    hidden_ref[tile] = swiglu_f32(gate, up).astype(hidden_ref.dtype)
     if len(out_refs) == 3:  # the pre-activations, for the backward
         out_refs[1][tile] = gate.astype(out_refs[1].dtype)
         out_refs[2][tile] = up.astype(out_refs[2].dtype)
@@ -207,14 +208,11 @@ def gather_swiglu_grad(d_out, w_down, gate, up, item_weight, item_row, block_gro
     g = gather_matmul(d_out, w_down, item_row, block_group, used_blocks, transpose_w=True,
                       tiling=tiling, interpret=interpret)
     gate32, up32 = gate.astype(jnp.float32), up.astype(jnp.float32)
-    sig = jax.nn.sigmoid(gate32)
-    silu = gate32 * sig
-    hidden = (silu * up32).astype(gate.dtype)  # as the forward stored it
+    hidden = swiglu_f32(gate32, up32).astype(gate.dtype)  # as the forward stored it
     d_weight = jnp.sum(g * hidden.astype(jnp.float32), axis=1)
     d_hidden = g * item_weight.astype(jnp.float32)[:, None]
-    d_gate = (d_hidden * up32 * sig * (1.0 + gate32 * (1.0 - sig))).astype(gate.dtype)
-    d_up = (d_hidden * silu).astype(gate.dtype)
-    return d_gate, d_up, hidden, d_weight
+    d_gate, d_up = swiglu_grads_f32(gate32, up32, d_hidden)
+    return d_gate.astype(gate.dtype), d_up.astype(gate.dtype), hidden, d_weight
 
 
 def _scatter_add_kernel(item_row_ref, block_group_ref, used_ref, scale_ref, *refs,

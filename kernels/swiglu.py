@@ -25,6 +25,18 @@ COLUMNS = 256  # hidden columns per program at most
 NUM_WARPS = 4
 
 
+def swiglu_f32(gate: jax.Array, up: jax.Array) -> jax.Array:
+    """silu(gate) · up (float32 operands; inside kernels too)."""
+    return gate * jax.nn.sigmoid(gate) * up
+
+
+def swiglu_grads_f32(gate: jax.Array, up: jax.Array,
+                     d_hidden: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(d gate, d up) of silu(gate) · up for d hidden (float32 operands; inside kernels too)."""
+    sig = jax.nn.sigmoid(gate)
+    return d_hidden * up * sig * (1.0 + gate * (1.0 - sig)), d_hidden * (gate * sig)
+
+
 def _forward_kernel(live_ref, gate_up_ref, out_ref, *, rows: int, cols: int, hidden: int,
                     fill_tail: bool):
     i, j = pl.program_id(0), pl.program_id(1)
@@ -34,8 +46,7 @@ def _forward_kernel(live_ref, gate_up_ref, out_ref, *, rows: int, cols: int, hid
     def _():
         gate = gate_up_ref[tile_rows, pl.ds(j * cols, cols)].astype(jnp.float32)
         up = gate_up_ref[tile_rows, pl.ds(hidden + j * cols, cols)].astype(jnp.float32)
-        out_ref[tile_rows, pl.ds(j * cols, cols)] = (
-            gate * jax.nn.sigmoid(gate) * up).astype(out_ref.dtype)
+        out_ref[tile_rows, pl.ds(j * cols, cols)] = swiglu_f32(gate, up).astype(out_ref.dtype)
 
     if fill_tail:
         @pl.when(i * rows >= live_ref[0])
@@ -54,10 +65,9 @@ def _backward_kernel(live_ref, gate_up_ref, d_hidden_ref, out_ref, *, rows: int,
         gate = gate_up_ref[tile_rows, gate_cols].astype(jnp.float32)
         up = gate_up_ref[tile_rows, up_cols].astype(jnp.float32)
         d_hidden = d_hidden_ref[tile_rows, gate_cols].astype(jnp.float32)
-        sig = jax.nn.sigmoid(gate)
-        out_ref[tile_rows, gate_cols] = (
-            d_hidden * up * sig * (1.0 + gate * (1.0 - sig))).astype(out_ref.dtype)
-        out_ref[tile_rows, up_cols] = (d_hidden * gate * sig).astype(out_ref.dtype)
+        d_gate, d_up = swiglu_grads_f32(gate, up, d_hidden)
+        out_ref[tile_rows, gate_cols] = d_gate.astype(out_ref.dtype)
+        out_ref[tile_rows, up_cols] = d_up.astype(out_ref.dtype)
 
     if fill_tail:
         @pl.when(i * rows >= live_ref[0])
@@ -82,7 +92,7 @@ def _swiglu(gate_up, live, mode, fill_tail):
     m, two_f = gate_up.shape
     if mode == "xla" or m == 0 or two_f == 0:
         gate, up = jnp.split(gate_up.astype(jnp.float32), 2, axis=1)
-        return (jax.nn.silu(gate) * up).astype(gate_up.dtype)  # float32, as the kernel
+        return swiglu_f32(gate, up).astype(gate_up.dtype)  # float32, as the kernel
     return _launch(_forward_kernel, live, (gate_up,), (m, two_f // 2), gate_up.dtype,
                    mode == "interpret", fill_tail)
 
@@ -103,10 +113,8 @@ def _swiglu_bwd(mode, fill_tail, residuals, d_hidden):
 
 def _swiglu_xla_bwd(gate_up, d_hidden):
     gate, up = jnp.split(gate_up.astype(jnp.float32), 2, axis=1)
-    sig = jax.nn.sigmoid(gate)
-    d_hidden = d_hidden.astype(jnp.float32)
-    d_gate = d_hidden * up * sig * (1.0 + gate * (1.0 - sig))
-    return jnp.concatenate([d_gate, d_hidden * gate * sig], axis=1).astype(gate_up.dtype)
+    d_gate, d_up = swiglu_grads_f32(gate, up, d_hidden.astype(jnp.float32))
+    return jnp.concatenate([d_gate, d_up], axis=1).astype(gate_up.dtype)
 
 
 _swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)
