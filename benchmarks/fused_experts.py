@@ -16,6 +16,10 @@ inputs and must agree:
   pallas-copy      the pallas path as it was before gather_gmm: expand_rows → 3 gmm →
                    reduce_rows
   pallas-split     the pallas path with gate and up as two gather_gmm calls (not one)
+  pallas-sum       the pallas path as in session 10: routing weights applied in the
+                   gather-sum after the down projection (not in the SwiGLU kernel)
+  pallas-epilogue  the pallas path with the pre-combine in the down projection's epilogue
+                   (gmm_combine) instead of the gather-sum row kernel
   pallas-copy-cat  pallas-copy with gate and up as one gmm on concatenated weights (one
                    item-gradient array in the backward, no sum of two)
   <variant>@xla    that variant with the row copies and sums on XLA gathers instead of the
@@ -139,7 +143,7 @@ def bench_case(shape: str, n: int, tilings, timed, args, every_row: list) -> lis
     from kernels.fused_experts import fused_swiglu_combine
     from kernels.grouped_matmul import gather_gmm, gmm
     from occult_jax.dispatch import ExpertWeights, compute_experts
-    from occult_jax.experts import grouped_swiglu, row_layout
+    from occult_jax.experts import _pallas_swiglu_combine, grouped_swiglu, row_layout
     from occult_jax.plan import item_weights, make_expert_plan
     from occult_jax.row_maps import expand_rows, reduce_rows, use_kernels
 
@@ -174,6 +178,9 @@ def bench_case(shape: str, n: int, tilings, timed, args, every_row: list) -> lis
             return on_pallas_plan(copy_then_concatenated_gmm)
         if backend == "pallas-split":
             return on_pallas_plan(split_gather)
+        if backend in ("pallas-sum", "pallas-epilogue"):
+            return functools.partial(pallas_with, "weighted-rows" if backend == "pallas-sum"
+                                     else "epilogue")
         return lambda x, sw, ws: compute_experts(x, slot, sw, ws, backend)
 
     def on_pallas_plan(item_outputs):
@@ -184,6 +191,11 @@ def bench_case(shape: str, n: int, tilings, timed, args, every_row: list) -> lis
             y_items = item_outputs(x, plan, ws)
             return reduce_rows(y_items, plan.row_items, plan.item_row, item_weights(plan, sw))
         return fn
+
+    def pallas_with(precombine, x, sw, ws):
+        plan = make_expert_plan(slot, local, *row_layout("pallas"))
+        return _pallas_swiglu_combine(x, plan, item_weights(plan, sw), ws.w_gate, ws.w_up,
+                                      ws.w_down, precombine=precombine)
 
     def split_gather(x, plan, ws):
         gate, up = (gather_gmm(x, plan.item_row, w, plan.group_sizes, row_items=plan.row_items)

@@ -146,9 +146,13 @@ def gmm_call(
     transpose_rhs: bool,
     interpret: bool,
     fill_tail: bool = True,
-) -> jax.Array:
+    combine: tuple[jax.Array, jax.Array] | None = None,
+) -> jax.Array | None:
     """Run the kernel: lhs [M, K] (M a multiple of tile_m), rhs [G, K, N] or [G, N, K].
-    Rows past the last group are zeros, or left unwritten without ``fill_tail``."""
+    Rows past the last group are zeros, or left unwritten without ``fill_tail``.
+
+    ``combine=(dest [M] int32, out)``: instead, add each row of a group into the float32 ref
+    ``out[dest[row]]`` (``gmm_combine_mgpu``; GPU only, ``out`` zeroed; returns None)."""
     m, k = lhs.shape
     n = rhs.shape[1] if transpose_rhs else rhs.shape[2]
     tm, tn, tk = tiling.tile_m, tiling.tile_n, tiling.tile_k
@@ -180,8 +184,19 @@ def gmm_call(
             pipeline_state=state,
         )
 
+    if combine is not None and (interpret or tiling.out_tile[0] != tiling.out_tile[1]):
+        raise ValueError("the combining grouped matmul runs compiled only, with square "
+                         "output pieces (epi_tile)")
+    if combine is not None:
+        from kernels.gmm_combine_mgpu import staging
+
+        out_staging = staging(tiling.out_tile[0])
+    else:
+        out_staging = plgpu.SMEM((2, tiling.out_slots, *tiling.out_tile), out_dtype)
+
     def kernel(group_ref, block_ref, lo_ref, hi_ref, count_ref, live_ref,
-               lhs_gmem, rhs_gmem, out_gmem):
+               lhs_gmem, rhs_gmem, *out_refs):
+        dest_gmem, out_gmem = out_refs if combine is not None else (None, out_refs[0])
         def ignore(*_, **__):
             return None
 
@@ -190,7 +205,7 @@ def gmm_call(
         @functools.partial(
             pl.run_scoped,
             allocs=pipeline(ignore, ignore).get_allocations(lhs_gmem, rhs_view),
-            out_smem=plgpu.SMEM((2, tiling.out_slots, *tiling.out_tile), out_dtype),
+            out_smem=out_staging,
             **interpret_scratch(interpret, (tm, tk), (tk, tn), lhs.dtype),
             collective_axes="wg",
         )
@@ -199,6 +214,14 @@ def gmm_call(
             live = live_ref[0]
 
             def write(values, ti, ni):
+                if combine is not None:
+                    from kernels.gmm_combine_mgpu import combine_owned_rows
+
+                    combine_owned_rows(values, out_smem.at[wg], dest_gmem, out_gmem,
+                                       lo_ref[ti], hi_ref[ti], block_ref[ti] * tm,
+                                       ni * bn + wg * tn, tile_m=tm, tile_n=tn,
+                                       piece=tiling.out_tile[0])
+                    return
                 write_owned_rows(values, out_smem.at[wg], out_gmem, lo_ref[ti], hi_ref[ti],
                                  block_ref[ti] * tm, ni * bn + wg * tn, tiling)
 
@@ -244,7 +267,7 @@ def gmm_call(
                                                 int(plgpu.PipelinePipeline.STEADY)))
                     matmul(ti, ni, state)
 
-            if not fill_tail:
+            if not fill_tail or combine is not None:
                 return
 
             @plgpu.nd_loop(((count_ref[0] - live) * n_iters,), collective_axes="sm")
@@ -257,6 +280,9 @@ def gmm_call(
 
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
+    if combine is not None:
+        platform.warp_specialized_kernel(kernel, (), interpret=False)(*tiles, lhs, rhs, *combine)
+        return None
     call = platform.warp_specialized_kernel(
         kernel, jax.ShapeDtypeStruct((m, n), out_dtype), interpret=interpret)
     return call(*tiles, lhs, rhs)

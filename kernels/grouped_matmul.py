@@ -58,11 +58,12 @@ def _columns(n: int, what: str) -> int:
 
 
 def gmm_tiling(k: int, n: int, itemsize: int = 2, out_itemsize: int = 2, *,
-               epi_tile: int = 64, chain: bool = True) -> GmmTiling:
+               epi_tile: int = 64, chain: bool = True, combine: bool = False) -> GmmTiling:
     """Default tiles for a [*, k] @ [k, n] grouped matmul; as many stages as shared memory holds.
 
     Tiles are chained (``chain``) only where that stage count divides ``k / tile_k``: chaining
-    with fewer stages was slower on H200 (docs/benchmarks.md).
+    with fewer stages was slower on H200 (docs/benchmarks.md). ``combine``: the output is
+    staged as one float32 piece per warpgroup (``gmm_combine_mgpu``).
     """
     if k % 64:
         raise ValueError(f"the Pallas grouped matmul needs the contraction size {k} to be a "
@@ -70,6 +71,8 @@ def gmm_tiling(k: int, n: int, itemsize: int = 2, out_itemsize: int = 2, *,
     t = GmmTiling(tile_n=_columns(n, "the output width"), epi_tile=epi_tile)
     stage = (t.tile_m * t.tile_k + t.tile_k * t.block_n) * itemsize
     out_bytes = 2 * t.out_slots * t.out_tile[0] * t.out_tile[1] * out_itemsize
+    if combine:
+        out_bytes = 2 * t.out_tile[0] * t.out_tile[1] * 4
     stages = _stages(stage, out_bytes)
     chain = chain and (k // t.tile_k) % stages == 0
     return dataclasses.replace(t, stages=stages, chain=chain)
@@ -247,6 +250,70 @@ def gather_gmm(x: jax.Array, rows: jax.Array, rhs: jax.Array, group_sizes: jax.A
     rhs = platform.vary_like(rhs, x)
     return _gather_gmm(x, rows, row_items, rhs, group_sizes.astype(jnp.int32), out_dtype,
                        _mode(interpret))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _gmm_combine(lhs, rhs, group_sizes, dest, num_rows, mode, fill_tail):
+    _check(lhs, rhs, group_sizes, False)
+    m, n = lhs.shape[0], rhs.shape[2]
+    if mode != "gpu" or lhs.dtype.itemsize != 2:  # gmm, then a segment-sum of the used rows
+        items = _gmm_raw(lhs, rhs, group_sizes, jnp.float32, False, mode)  # zero past groups
+        used = jnp.arange(m) < jnp.sum(group_sizes)
+        return jax.ops.segment_sum(jnp.where(used[:, None], items, 0.0),
+                                   jnp.where(used, dest, num_rows), num_segments=num_rows)
+    tiling = gmm_tiling(lhs.shape[1], n, lhs.dtype.itemsize, combine=True)
+    lhs_p = _pad_rows(lhs)
+    dest_p = jnp.pad(dest, (0, lhs_p.shape[0] - m))
+    tiles = schedule.row_tiles(group_sizes, lhs_p.shape[0], tiling.tile_m)
+    out = jax.new_ref(platform.vary_like(jnp.zeros((num_rows, n), jnp.float32), lhs, dest))
+    gmm_call(lhs_p, rhs, tiles, out_dtype=jnp.float32, tiling=tiling, transpose_rhs=False,
+             interpret=False, combine=(dest_p, out))
+    return platform.vary_like(out[...], lhs, rhs, group_sizes, dest)
+
+
+def _gmm_combine_fwd(lhs, rhs, group_sizes, dest, num_rows, mode, fill_tail):
+    out = _gmm_combine(lhs, rhs, group_sizes, dest, num_rows, mode, fill_tail)
+    return out, (lhs, rhs, group_sizes, dest)
+
+
+def _gmm_combine_bwd(num_rows, mode, fill_tail, residuals, d_out):
+    lhs, rhs, group_sizes, dest = residuals
+    d_out = d_out.astype(lhs.dtype)
+    used = jnp.arange(dest.shape[0]) < jnp.sum(group_sizes)
+    if mode == "gpu":  # rows past the groups: never read below (gmm / tgmm mask them)
+        d_items = gather_rows(d_out, jnp.where(used, dest, -1), fill_empty=fill_tail)
+    else:
+        d_items = jnp.where(used[:, None], d_out[dest], 0).astype(lhs.dtype)
+    d_lhs = _gmm_raw(d_items, rhs, group_sizes, lhs.dtype, True, mode, fill_tail=fill_tail)
+    d_rhs = _tgmm_raw(lhs, d_items, group_sizes, rhs.dtype, mode)
+    return d_lhs, d_rhs, None, None
+
+
+_gmm_combine.defvjp(_gmm_combine_fwd, _gmm_combine_bwd)
+
+
+def gmm_combine(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, dest: jax.Array,
+                num_rows: int, *, interpret: bool | None = None,
+                fill_tail: bool = True) -> jax.Array:
+    """``out[r] = Σ_{i in a group, dest[i] = r} lhs[i] @ rhs[g(i)]`` in float32: lhs [M, K] rows
+    grouped by expert, dest [M] (clamped into [0, num_rows)) → [num_rows, N] float32.
+
+    Occult's expert-side pre-combine in the last expert matmul's epilogue: on Hopper GPUs the
+    kernel adds each product row into its destination row (``gmm_combine_mgpu``; the order in
+    which a row's items are added is not fixed), so the item-order product is never stored.
+    Elsewhere (and for float32 operands): ``gmm`` and a segment-sum. Gradients: d lhs is the
+    transposed ``gmm`` of ``d_out[dest]``, d rhs ``tgmm``; with ``fill_tail=False`` d lhs is
+    undefined past the groups (as for ``gmm``).
+    """
+    if dest.shape != lhs.shape[:1]:
+        raise ValueError(f"gmm_combine: dest must be [{lhs.shape[0]}] (one row per lhs row); "
+                         f"got {dest.shape}")
+    if num_rows < 1:
+        raise ValueError(f"gmm_combine: num_rows must be positive; got {num_rows}")
+    dest = jnp.clip(dest.astype(jnp.int32), 0, num_rows - 1)  # a bad index never writes wild
+    rhs = platform.vary_like(rhs, lhs)
+    return _gmm_combine(lhs, rhs, group_sizes.astype(jnp.int32), dest, num_rows,
+                        _mode(interpret), fill_tail)
 
 
 def flops(m: int, k: int, n: int) -> int:

@@ -31,11 +31,20 @@ def num_sms(interpret: bool) -> int:
     return int(getattr(jax.devices()[0], "core_count", 132) or 132)
 
 
-def warp_specialized_kernel(body, out_type: jax.ShapeDtypeStruct, *, interpret: bool):
+def warp_specialized_kernel(body, out_type: jax.ShapeDtypeStruct | tuple, *, interpret: bool):
     """A persistent Mosaic GPU kernel: one block per SM (axis "sm"), three warpgroups (axis
-    "wg": two compute, one memory), warpgroup semantics; interpreted on CPU."""
+    "wg": two compute, one memory), warpgroup semantics; interpreted on CPU.
+
+    ``out_type=()``: a kernel that only writes ``jax.Ref`` operands in place (no outputs)."""
+    from jax.experimental import pallas as pl
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
+    params = plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup)
+    if out_type == ():  # plgpu.kernel's batching wrapper cannot take Ref operands
+        mesh = plgpu.Mesh(grid=(num_sms(interpret),), grid_names=("sm",), num_threads=3,
+                          thread_name="wg")
+        return pl.kernel(body, out_type=(), mesh=mesh, compiler_params=params,
+                         interpret=interpret_params() if interpret else False)
     return plgpu.kernel(
         body,
         out_type=out_type,
@@ -43,9 +52,7 @@ def warp_specialized_kernel(body, out_type: jax.ShapeDtypeStruct, *, interpret: 
         grid_names=("sm",),
         num_threads=3,
         thread_name="wg",
-        compiler_params=plgpu.CompilerParams(
-            lowering_semantics=plgpu.LoweringSemantics.Warpgroup
-        ),
+        compiler_params=params,
         interpret=interpret_params() if interpret else False,
     )
 

@@ -121,16 +121,30 @@ def swiglu_combine(rows: jax.Array, items: ExpertPlan, item_weight: jax.Array,
     return reduce_rows(y_items, items.row_items, items.item_row, item_weight)
 
 
-def _pallas_swiglu_combine(rows, items: ExpertPlan, item_weight, w_gate, w_up, w_down):
-    """The Pallas path. The item buffer is sized for the worst case (every row listing
-    min(k, E/N) experts) and mostly padding: 131k live of 524k rows at the OLMoE shape on 4
-    devices. With the "pallas" layout (no padding inside groups) the padding is the tail past
-    the groups; no step here reads it except row by row in the last, partly filled tile (whose
-    results land in the tail again), and tgmm masks rows outside each group. So the tail of the
-    item arrays is left unwritten (``fill_tail`` / ``fill_empty``), forward and backward,
-    instead of zero-filled."""
+PRECOMBINES = ("rows", "epilogue", "weighted-rows")
+
+
+def _pallas_swiglu_combine(rows, items: ExpertPlan, item_weight, w_gate, w_up, w_down, *,
+                           precombine: str = "rows"):
+    """The Pallas path: gate|up product of every item (``gate_up_items``), SwiGLU scaled by the
+    item's routing weight (kernels/swiglu.py), down projection, pre-combine into the received
+    rows. ``w · (h @ W)`` is computed as ``(w · h) @ W``: the routing-weight gradient is then a
+    row dot product in the SwiGLU backward, and the pre-combine's backward a plain row gather.
+
+    ``precombine``: "rows" — down ``gmm`` into item order, then the gather-sum row kernel;
+    "epilogue" — ``gmm_combine`` adds each product row into its received row in the matmul's
+    epilogue (float32; the item-order product is never stored, but the float32 sum must be
+    zero-filled and cast); "weighted-rows" — session 10's path, the weight applied in the
+    gather-sum (kept for benchmarks).
+
+    The item buffer is sized for the worst case (every row listing min(k, E/N) experts) and
+    mostly padding: 131k live of 524k rows at the OLMoE shape on 4 devices. With the "pallas"
+    layout (no padding inside groups) the padding is the tail past the groups; no step here
+    reads it except row by row in the last, partly filled tile (whose results land in the tail
+    again), and tgmm masks rows outside each group. So the tail of the item arrays is left
+    unwritten (``fill_tail`` / ``fill_empty``), forward and backward, instead of zero-filled."""
     from kernels import swiglu as swiglu_kernel
-    from kernels.grouped_matmul import gmm
+    from kernels.grouped_matmul import gmm, gmm_combine
 
     if items.block_group.shape != items.item_row.shape:
         raise ValueError("the pallas expert path needs a plan with block=1 "
@@ -138,9 +152,21 @@ def _pallas_swiglu_combine(rows, items: ExpertPlan, item_weight, w_gate, w_up, w
                          "would be left undefined")
     gate_up = gate_up_items(rows, items.item_row, items.row_items, items.group_sizes,
                             jnp.concatenate([w_gate, w_up], axis=2))
-    hidden = swiglu_kernel.swiglu(gate_up, jnp.sum(items.group_sizes), fill_tail=False)
+    live = jnp.sum(items.group_sizes)
+    if precombine == "weighted-rows":
+        hidden = swiglu_kernel.swiglu(gate_up, live, fill_tail=False)
+        y_items = gmm(hidden, w_down, items.group_sizes, fill_tail=False)
+        return reduce_rows(y_items, items.row_items, items.item_row, item_weight,
+                           fill_empty=False)
+    hidden = swiglu_kernel.swiglu(gate_up, live, scale=item_weight, fill_tail=False)
+    if precombine == "epilogue":
+        out = gmm_combine(hidden, w_down, items.group_sizes, items.item_row, rows.shape[0],
+                          fill_tail=False)
+        return out.astype(rows.dtype)
+    if precombine != "rows":
+        raise ValueError(f"unknown precombine {precombine!r}; use one of {PRECOMBINES}")
     y_items = gmm(hidden, w_down, items.group_sizes, fill_tail=False)
-    return reduce_rows(y_items, items.row_items, items.item_row, item_weight, fill_empty=False)
+    return reduce_rows(y_items, items.row_items, items.item_row, fill_empty=False)
 
 
 @jax.custom_vjp

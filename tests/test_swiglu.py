@@ -21,7 +21,10 @@ def np_swiglu(gate_up):
 @pytest.mark.parametrize("interpret", [True, None], ids=["kernel", "default"])
 @pytest.mark.parametrize("live", ["none", "partial_tile", "all", "random"])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_swiglu_values_and_gradients(interpret, live, dtype):
+@pytest.mark.parametrize("scaled", [False, True], ids=["plain", "scaled"])
+def test_swiglu_values_and_gradients(interpret, live, dtype, scaled):
+    """With ``scale`` (routing weights, float32 like the plan's), the rows are scaled and the
+    scale gets the row dot product of d hidden with the unscaled SwiGLU."""
     rng = np.random.default_rng()
     m, f = 96, 192
     n_live = {"none": 0, "partial_tile": 37, "all": m, "random": int(rng.integers(1, m))}[live]
@@ -31,13 +34,25 @@ def test_swiglu_values_and_gradients(interpret, live, dtype):
     gate_up_j = jnp.asarray(gate_up, dtype)
     gate_up = np.asarray(gate_up_j, np.float64)  # the values the kernel sees
 
-    out, pullback = jax.vjp(lambda g: swiglu(g, n_live, interpret=interpret), gate_up_j)
-    (d_gate_up,) = pullback(jnp.asarray(d_hidden, dtype))
+    scale = rng.uniform(0.1, 1.0, m) if scaled else np.ones(m)
+
+    def fn(g, s):
+        return swiglu(g, n_live, scale=s if scaled else None, interpret=interpret)
+
+    out, pullback = jax.vjp(fn, gate_up_j, jnp.asarray(scale, jnp.float32))
+    d_gate_up, d_scale = pullback(jnp.asarray(d_hidden, dtype))
     hidden, sig, gate, up = np_swiglu(gate_up)
     d_h = np.asarray(jnp.asarray(d_hidden, dtype), np.float64)
+    want_d_scale = np.where(np.arange(m) < n_live, np.sum(d_h * hidden, axis=1), 0.0)
+    d_h = d_h * scale[:, None]
     want_d = np.concatenate([d_h * up * sig * (1 + gate * (1 - sig)), d_h * gate * sig], axis=1)
     tol = 1e-5 if dtype == jnp.float32 else 2e-2
-    for got, want in [(out, hidden), (d_gate_up, want_d)]:
+    checks = [(out, hidden * scale[:, None]), (d_gate_up, want_d)]
+    if scaled:
+        # d scale sums f products: bf16 inputs, float32 sum; 2% of the largest entry.
+        np.testing.assert_allclose(np.asarray(d_scale, np.float64), want_d_scale, rtol=tol,
+                                   atol=tol * max(1.0, np.abs(want_d_scale).max()))
+    for got, want in checks:
         got = np.asarray(got, np.float64)
         assert not np.isnan(got).any()
         np.testing.assert_allclose(got, want, rtol=tol, atol=tol * max(1.0, np.abs(want).max()))
