@@ -16,16 +16,17 @@ inputs and must agree:
   pallas-copy      the pallas path as it was before gather_gmm: expand_rows → 3 gmm →
                    reduce_rows
   pallas-split     the pallas path with gate and up as two gather_gmm calls (not one)
-  pallas-sum       the pallas path as in session 10: routing weights applied in the
-                   gather-sum after the down projection (not in the SwiGLU kernel)
-  pallas-epilogue  the pallas path with the pre-combine in the down projection's epilogue
-                   (gmm_combine) instead of the gather-sum row kernel
+  pallas-epilogue  the pallas path with Occult's pre-combine in the down projection's
+                   epilogue (gmm_combine; weights applied in the SwiGLU kernel) instead of
+                   the weighted gather-sum row kernel
   pallas-copy-cat  pallas-copy with gate and up as one gmm on concatenated weights (one
                    item-gradient array in the backward, no sum of two)
   <variant>@xla    that variant with the row copies and sums on XLA gathers instead of the
                    row kernels (kernels/row_gather.py, the default on GPU)
 
-Times are wall-clock medians of --iters synchronised calls after two warm-ups. --smoke runs a
+Times are wall-clock medians of --iters synchronised calls after two warm-ups; fwd+bwd is the
+gradient of sum(out² · cot), which needs the forward's value (before 2026-11-24 it was a loss
+linear in out, which let XLA drop forward work the gradient does not need). --smoke runs a
 tiny shape (works on CPU: the fused kernels run in the Pallas interpreter there).
 """
 
@@ -178,9 +179,8 @@ def bench_case(shape: str, n: int, tilings, timed, args, every_row: list) -> lis
             return on_pallas_plan(copy_then_concatenated_gmm)
         if backend == "pallas-split":
             return on_pallas_plan(split_gather)
-        if backend in ("pallas-sum", "pallas-epilogue"):
-            return functools.partial(pallas_with, "weighted-rows" if backend == "pallas-sum"
-                                     else "epilogue")
+        if backend == "pallas-epilogue":
+            return functools.partial(pallas_with, "epilogue")
         return lambda x, sw, ws: compute_experts(x, slot, sw, ws, backend)
 
     def on_pallas_plan(item_outputs):
@@ -221,8 +221,8 @@ def bench_case(shape: str, n: int, tilings, timed, args, every_row: list) -> lis
                                         plan.group_sizes, tiling=tiling)
         return fn
 
-    def loss(fn, x, sw, ws):
-        return jnp.sum(fn(x, sw, ws).astype(jnp.float32) * cot)
+    def loss(fn, x, sw, ws):  # needs the forward's value (a linear loss would let XLA drop it)
+        return jnp.sum(jnp.square(fn(x, sw, ws).astype(jnp.float32)) * cot)
 
     variants = [(b, "", separate(b)) for b in args.separate.split(",")]
     variants += [("fused", f"bm{t.block_m} bn{t.block_n} bk{t.block_k} w{t.num_warps} "

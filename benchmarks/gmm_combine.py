@@ -99,8 +99,8 @@ def bench_case(shape: str, n: int, args) -> list[dict]:
         out = gmm_combine(h, w, plan.group_sizes, plan.item_row, r, fill_tail=False)
         return out.astype(h.dtype)
 
-    def loss(fn, h, w, plan, cot):
-        return jnp.sum(fn(h, w, plan).astype(jnp.float32) * cot)
+    def loss(fn, h, w, plan, cot):  # needs the forward's value (a linear loss would not)
+        return jnp.sum(jnp.square(fn(h, w, plan).astype(jnp.float32)) * cot)
 
     rows, want = [], None
     for name in args.variants.split(","):

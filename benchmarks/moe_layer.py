@@ -181,7 +181,9 @@ def measure(layer, x, cot, args, timed, mesh):
 
     def loss(p, x, cot):
         y, _ = forward(p, x)
-        return jnp.sum(y.astype(jnp.float32) * cot.astype(jnp.float32))
+        # Squared: the gradient needs y, so XLA cannot drop forward work (it may for a loss
+        # linear in y; fwd+bwd times before 2026-11-24 were taken with one).
+        return jnp.sum(jnp.square(y.astype(jnp.float32)) * cot.astype(jnp.float32))
 
     fwd = jax.jit(forward)
     step = jax.jit(jax.grad(loss, argnums=(0, 1)))

@@ -176,19 +176,24 @@ def test_pallas_gate_up_reads_rows_through_the_plan_unless_differentiated(monkey
                                    atol=1e-4 * float(np.abs(np.asarray(b)).max()))
 
 
-def test_pallas_expert_compute_on_interpreted_kernels_matches_ragged_dot(monkeypatch):
+@pytest.mark.parametrize("precombine", ["rows", "epilogue"])
+def test_pallas_expert_compute_on_interpreted_kernels_matches_ragged_dot(monkeypatch, precombine):
     """The combination the GPU runs, interpreted on CPU: row-map kernels, the SwiGLU kernel and
     gmm leaving the item buffer's padding unwritten (the interpreter fills it with NaN, so any
-    read of it would show). Values and gradients (rows, routing weights, the three expert
-    weights) equal ragged_dot's with XLA row maps."""
+    read of it would show), with either pre-combine ("epilogue": routing weights scaled in the
+    SwiGLU kernel, gmm_combine's CPU fallback). Values and gradients (rows, routing weights,
+    the three expert weights) equal ragged_dot's with XLA row maps."""
     import functools
 
     from kernels import swiglu as swiglu_module
+    from occult_jax import experts as experts_module
     from occult_jax.dispatch import ExpertWeights, compute_experts
     from occult_jax.row_maps import use_kernels
 
     monkeypatch.setattr(swiglu_module, "swiglu",
                         functools.partial(swiglu_module.swiglu, interpret=True))
+    monkeypatch.setattr(experts_module, "_pallas_swiglu_combine", functools.partial(
+        experts_module._pallas_swiglu_combine, precombine=precombine))
     rng = np.random.default_rng()
     rows_n, pairs, experts, d, f = 40, 3, 4, 128, 128
     slot = jnp.asarray(random_slots(rng, rows_n, pairs, experts, rng.integers(experts)),
