@@ -22,6 +22,16 @@ def mesh_or_skip(expert: int, data: int = 1):
     return oj.make_mesh(expert=expert, data=data)
 
 
+def mosaic_gpu_calls(fn, args, *, triton: bool = False) -> list[str]:
+    """The Mosaic GPU custom calls in jit(fn) exported for CUDA (with ``triton``, Pallas
+    Triton calls may appear beside them)."""
+    import re
+
+    targets = ["mosaic_gpu", "mosaic_gpu_v2"] + (["__gpu$xla.gpu.triton"] if triton else [])
+    text = cuda_module_text(fn, args, targets)
+    return re.findall(r"custom_call @(mosaic_gpu\w*)\(", text)
+
+
 def cuda_module_text(fn, args, custom_call_targets) -> str:
     """StableHLO text of jit(fn) exported for CUDA from this machine (no GPU needed), with the
     kernels' custom calls allowed; skips where this JAX needs a GPU to lower Pallas kernels."""

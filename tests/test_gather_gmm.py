@@ -82,9 +82,7 @@ def test_gather_gmm_lowers_for_cuda():
     """The compiled path (inline cp.async, mbarriers, wgmma) lowers on any machine: one Mosaic
     GPU kernel forward, two in the gradient of its sum (transposed gmm, tgmm; the unused
     forward is dropped)."""
-    import re
-
-    from conftest import cuda_module_text
+    from conftest import mosaic_gpu_calls
 
     bf16 = jnp.bfloat16
     t, m, k, n, g = 512, 1000, 256, 512, 8
@@ -99,8 +97,7 @@ def test_gather_gmm_lowers_for_cuda():
             jax.ShapeDtypeStruct((g, k, n), bf16), jax.ShapeDtypeStruct((g,), jnp.int32)]
     for fn, kernels in [(forward, 1), (jax.grad(loss, argnums=(0, 2)), 2)]:
         # (on a GPU the backward's row gather is a Triton kernel: kernels/row_gather.py)
-        text = cuda_module_text(fn, args, ["mosaic_gpu", "mosaic_gpu_v2", "__gpu$xla.gpu.triton"])
-        calls = re.findall(r"custom_call @(mosaic_gpu\w*)\(", text)
+        calls = mosaic_gpu_calls(fn, args, triton=True)
         assert len(calls) == kernels, calls
 
 

@@ -74,9 +74,7 @@ def test_gmm_combine_lowers_for_cuda():
     """The compiled path (wgmma, inline vector reductions into a zeroed Ref) lowers on any
     machine: one Mosaic GPU kernel forward, two in the gradient (transposed gmm, tgmm; the
     row gather before them is a Triton kernel)."""
-    import re
-
-    from conftest import cuda_module_text
+    from conftest import mosaic_gpu_calls
 
     bf16 = jnp.bfloat16
     r, m, k, n, g = 512, 1000, 256, 512, 8
@@ -90,8 +88,7 @@ def test_gmm_combine_lowers_for_cuda():
     args = [jax.ShapeDtypeStruct((m, k), bf16), jax.ShapeDtypeStruct((m,), jnp.int32),
             jax.ShapeDtypeStruct((g, k, n), bf16), jax.ShapeDtypeStruct((g,), jnp.int32)]
     for fn, kernels in [(forward, 1), (jax.grad(loss, argnums=(0, 2)), 2)]:
-        text = cuda_module_text(fn, args, ["mosaic_gpu", "mosaic_gpu_v2", "__gpu$xla.gpu.triton"])
-        calls = re.findall(r"custom_call @(mosaic_gpu\w*)\(", text)
+        calls = mosaic_gpu_calls(fn, args, triton=True)
         assert len(calls) == kernels, calls
 
 

@@ -264,9 +264,7 @@ def test_bad_shapes_are_one_line_errors(shapes, message):
 def test_compiled_kernels_lower_for_cuda():
     """The compiled Mosaic GPU path (not the interpreter) lowers on any machine: gmm forward is
     one Mosaic GPU kernel, the gradient of its sum two (transposed gmm, tgmm)."""
-    import re
-
-    from conftest import cuda_module_text
+    from conftest import mosaic_gpu_calls
 
     bf16 = jnp.bfloat16
     m, k, n, g = 1024, 256, 512, 8
@@ -280,8 +278,7 @@ def test_compiled_kernels_lower_for_cuda():
     args = [jax.ShapeDtypeStruct((m, k), bf16), jax.ShapeDtypeStruct((g, k, n), bf16),
             jax.ShapeDtypeStruct((g,), jnp.int32)]
     for fn, kernels in [(forward, 1), (jax.grad(loss, argnums=(0, 1)), 2)]:
-        text = cuda_module_text(fn, args, ["mosaic_gpu", "mosaic_gpu_v2"])
-        calls = re.findall(r"custom_call @(mosaic_gpu\w*)\(", text)
+        calls = mosaic_gpu_calls(fn, args)
         assert len(calls) == kernels, calls
 
 
