@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import functools
 import itertools
-import json
 import os
 import statistics
 import sys
@@ -172,9 +171,9 @@ def main(argv=None) -> None:
         print(f"{r['rows']:9d} {r['fill']:5.2f} {r['transport']:10} {r['config']:14} "
               f"{r['ms']:8.3f} {r['GBps']:7.1f} {ratio:8.2f} {r['correct']}")
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump({"jax": jax.__version__, "device": jax.devices()[0].device_kind,
-                       "num_devices": n, "rows": rows_out}, f, indent=1)
+        from timing import write_results
+
+        write_results(args.out, rows_out, num_devices=n)
 
 
 if __name__ == "__main__":

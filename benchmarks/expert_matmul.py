@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import itertools
-import json
 import os
 import statistics
 import sys
@@ -195,7 +194,6 @@ def ratio(got: dict, a: str, b: str) -> str:
 def main(argv=None) -> None:
     args = parse_args(argv)
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    import jax
 
     rows = [r for spec in args.shapes.split(",") for r in bench_shape(spec, args)]
     print(f"\n{'shape':22s} {'pass':4s} " + " ".join(f"{i:>10s}" for i in args.impls.split(","))
@@ -217,9 +215,9 @@ def main(argv=None) -> None:
                     print(f"{spec:22s} {pass_:4s} {r['tflops']:6.0f} TFLOP/s "
                           f"x{same[0]['ms'] / r['ms']:5.2f}  {r['config']}")
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump({"jax": jax.__version__, "device": jax.devices()[0].device_kind,
-                       "rows": rows}, f, indent=1)
+        from timing import write_results
+
+        write_results(args.out, rows)
 
 
 if __name__ == "__main__":

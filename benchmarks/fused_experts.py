@@ -130,9 +130,9 @@ def main(argv=None):
               f"{r['config']}")
     print("fused × = this row's fwd+bwd time / fused's (> 1: fused is faster)")
     if args.out:
-        with open(args.out, "w") as fh:
-            json.dump({"jax": jax.__version__, "device": jax.devices()[0].device_kind,
-                       "rows": every_row}, fh, indent=1)
+        from timing import write_results
+
+        write_results(args.out, every_row)
 
 
 def bench_case(shape: str, n: int, tilings, timed, args, every_row: list) -> list[dict]:

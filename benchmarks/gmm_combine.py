@@ -61,9 +61,9 @@ def main(argv=None):
         print(f"{row['shape']:9} {row['devices']:2d} {row['items']:7d} {row['variant']:15} "
               f"{row['fwd_ms']:7.3f} {row['fwd_bwd_ms']:10.3f} {ratios:>26} {row['rel_diff']:8.4f}")
     if args.out:
-        with open(args.out, "w") as fh:
-            json.dump({"jax": jax.__version__, "device": jax.devices()[0].device_kind,
-                       "rows": results}, fh, indent=1)
+        from timing import write_results
+
+        write_results(args.out, results)
 
 
 def bench_case(shape: str, n: int, args) -> list[dict]:

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import statistics
 import sys
@@ -62,9 +61,9 @@ def main(argv=None):
               f"{r['xla_ms'] / r['kernels_ms']:8.2f} {r['max_diff']:8.1e}"
               + "".join(f" {k} {v:.3f}" for k, v in r["sweep"].items()))
     if args.out:
-        with open(args.out, "w") as fh:
-            json.dump({"jax": jax.__version__, "device": jax.devices()[0].device_kind,
-                       "rows": rows}, fh, indent=1)
+        from timing import write_results
+
+        write_results(args.out, rows)
 
 
 def timer(iters: int):

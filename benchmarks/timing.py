@@ -1,7 +1,9 @@
-"""Host-timed medians, the measurement every layer-level benchmark here reports."""
+"""Host-timed medians, the measurement every layer-level benchmark here reports, and the raw
+results file the benchmarks write."""
 
 from __future__ import annotations
 
+import json
 import time
 
 import numpy as np
@@ -19,3 +21,12 @@ def median_ms(fn, *args, iters: int = 10, warmup: int = 2) -> float:
         jax.block_until_ready(fn(*args))
         times.append(time.perf_counter() - start)
     return 1e3 * float(np.median(times))
+
+
+def write_results(path: str, rows: list, **extra) -> None:
+    """Write ``{"jax", "device", **extra, "rows"}`` as JSON to ``path`` (a benchmark's --out)."""
+    import jax
+
+    with open(path, "w") as fh:
+        json.dump({"jax": jax.__version__, "device": jax.devices()[0].device_kind, **extra,
+                   "rows": rows}, fh, indent=1)
