@@ -180,7 +180,7 @@ def bench_case(shape: str, n: int, tilings, timed, args, every_row: list) -> lis
         if backend == "pallas-split":
             return on_pallas_plan(split_gather)
         if backend == "pallas-epilogue":
-            return functools.partial(pallas_with, "epilogue")
+            return pallas_epilogue
         return lambda x, sw, ws: compute_experts(x, slot, sw, ws, backend)
 
     def on_pallas_plan(item_outputs):
@@ -192,10 +192,10 @@ def bench_case(shape: str, n: int, tilings, timed, args, every_row: list) -> lis
             return reduce_rows(y_items, plan.row_items, plan.item_row, item_weights(plan, sw))
         return fn
 
-    def pallas_with(precombine, x, sw, ws):
+    def pallas_epilogue(x, sw, ws):
         plan = make_expert_plan(slot, local, *row_layout("pallas"))
         return _pallas_swiglu_combine(x, plan, item_weights(plan, sw), ws.w_gate, ws.w_up,
-                                      ws.w_down, precombine=precombine)
+                                      ws.w_down, precombine="epilogue")
 
     def split_gather(x, plan, ws):
         gate, up = (gather_gmm(x, plan.item_row, w, plan.group_sizes, row_items=plan.row_items)

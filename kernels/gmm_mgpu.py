@@ -30,6 +30,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from kernels import platform
+from kernels.gmm_combine_mgpu import combine_owned_rows, staging
 from kernels.schedule import RowTiles
 
 
@@ -187,12 +188,8 @@ def gmm_call(
     if combine is not None and (interpret or tiling.out_tile[0] != tiling.out_tile[1]):
         raise ValueError("the combining grouped matmul runs compiled only, with square "
                          "output pieces (epi_tile)")
-    if combine is not None:
-        from kernels.gmm_combine_mgpu import staging
-
-        out_staging = staging(tiling.out_tile[0])
-    else:
-        out_staging = plgpu.SMEM((2, tiling.out_slots, *tiling.out_tile), out_dtype)
+    out_staging = (staging(tiling.out_tile[0]) if combine is not None
+                   else plgpu.SMEM((2, tiling.out_slots, *tiling.out_tile), out_dtype))
 
     def kernel(group_ref, block_ref, lo_ref, hi_ref, count_ref, live_ref,
                lhs_gmem, rhs_gmem, *out_refs):
@@ -215,8 +212,6 @@ def gmm_call(
 
             def write(values, ti, ni):
                 if combine is not None:
-                    from kernels.gmm_combine_mgpu import combine_owned_rows
-
                     combine_owned_rows(values, out_smem.at[wg], dest_gmem, out_gmem,
                                        lo_ref[ti], hi_ref[ti], block_ref[ti] * tm,
                                        ni * bn + wg * tn, tile_m=tm, tile_n=tn,

@@ -145,6 +145,8 @@ def _pallas_swiglu_combine(rows, items: ExpertPlan, item_weight, w_gate, w_up, w
     from kernels import swiglu as swiglu_kernel
     from kernels.grouped_matmul import gmm, gmm_combine
 
+    if precombine not in PRECOMBINES:
+        raise ValueError(f"unknown precombine {precombine!r}; use one of {PRECOMBINES}")
     if items.block_group.shape != items.item_row.shape:
         raise ValueError("the pallas expert path needs a plan with block=1 "
                          "(make_expert_plan(..., *row_layout('pallas'))): padding inside groups "
@@ -157,8 +159,6 @@ def _pallas_swiglu_combine(rows, items: ExpertPlan, item_weight, w_gate, w_up, w
         y_items = gmm(hidden, w_down, items.group_sizes, fill_tail=False)
         return reduce_rows(y_items, items.row_items, items.item_row, item_weight,
                            fill_empty=False)
-    if precombine != "epilogue":
-        raise ValueError(f"unknown precombine {precombine!r}; use one of {PRECOMBINES}")
     hidden = swiglu_kernel.swiglu(gate_up, live, scale=item_weight, fill_tail=False)
     out = gmm_combine(hidden, w_down, items.group_sizes, items.item_row, rows.shape[0],
                       fill_tail=False)

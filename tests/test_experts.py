@@ -217,3 +217,10 @@ def test_pallas_expert_compute_on_interpreted_kernels_matches_ragged_dot(monkeyp
         a, b = np.asarray(a), np.asarray(b)
         assert np.isfinite(a).all()
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * float(np.abs(b).max()))
+
+
+def test_pallas_expert_compute_rejects_an_unknown_precombine():
+    from occult_jax.experts import _pallas_swiglu_combine
+
+    with pytest.raises(ValueError, match="unknown precombine 'sum'"):
+        _pallas_swiglu_combine(None, None, None, None, None, None, precombine="sum")
