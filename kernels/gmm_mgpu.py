@@ -36,7 +36,8 @@ from kernels.schedule import RowTiles
 
 @dataclasses.dataclass(frozen=True)
 class GmmTiling:
-    """Tile sizes: a block computes ``tile_m x 2*tile_n`` (two compute warpgroups)."""
+    """Tile sizes: a block computes ``tile_m x 2*tile_n`` (two compute warpgroups), or with
+    ``pingpong`` each compute warpgroup its own ``tile_m x tile_n`` tiles."""
 
     tile_m: int = 128
     tile_n: int = 128
@@ -45,7 +46,10 @@ class GmmTiling:
     grid_tile_width: int = 8
     chain: bool = False  # needs (K / tile_k) % stages == 0
     epi_tile: int = 0  # write the output in epi_tile² pieces through two slots (0: whole tile)
-    # (grouped_matmul.gmm_tiling picks chain and 64² pieces where they fit.)
+    stream: bool = False  # own ring across tiles, a wgmma in flight (gmm_stream_mgpu)
+    pingpong: bool = False  # streamed; each warpgroup owns tile_m x tile_n tiles
+    # (grouped_matmul.gmm_tiling picks chain and 64² pieces where they fit; default_gmm_tiling
+    # the schedule.)
 
     @property
     def out_tile(self) -> tuple[int, int]:
@@ -68,8 +72,10 @@ def _smem_transforms(minor_elems: int, dtype) -> tuple:
     return (plgpu.TilingTransform((8, swizzle_elems)), plgpu.SwizzleTransform(swizzle))
 
 
-def mma(acc, a_smem, b_smem, *, transpose_a: bool, transpose_b: bool, scratch=None) -> None:
-    """``acc += op(a) @ op(b)`` with wgmma on shared memory (16-bit operands).
+def mma(acc, a_smem, b_smem, *, transpose_a: bool, transpose_b: bool, scratch=None,
+        wait: bool = True) -> None:
+    """``acc += op(a) @ op(b)`` with wgmma on shared memory (16-bit operands); ``wait=False``
+    leaves the wgmma in flight (the caller waits with ``plgpu.wgmma_wait``).
 
     The CPU interpreter has no transposed shared-memory views: interpreted kernels pass
     ``scratch`` (buffers shaped like the transposed operands), and a transposed operand is
@@ -83,7 +89,8 @@ def mma(acc, a_smem, b_smem, *, transpose_a: bool, transpose_b: bool, scratch=No
     a = plgpu.transpose_ref(a_smem, (1, 0)) if transpose_a else a_smem
     b = plgpu.transpose_ref(b_smem, (1, 0)) if transpose_b else b_smem
     plgpu.wgmma(acc, a, b)
-    plgpu.wgmma_wait(0)
+    if wait:
+        plgpu.wgmma_wait(0)
 
 
 def interpret_scratch(interpret: bool, a_shape, b_shape, dtype) -> dict:

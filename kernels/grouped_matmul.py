@@ -25,6 +25,7 @@ import jax.numpy as jnp
 
 from kernels import platform, schedule
 from kernels.gmm_mgpu import GmmTiling, gmm_call
+from kernels.gmm_stream_mgpu import gmm_stream_call
 from kernels.row_gather import gather_rows, sum_rows
 from kernels.tgmm_mgpu import TgmmTiling, tgmm_call
 
@@ -32,9 +33,9 @@ ROW_MULTIPLE = 128  # M is padded to this (both kernels' row tiles divide it)
 MAX_STAGES = 4
 
 
-def _stages(stage_bytes: int, out_bytes: int) -> int:
-    """Most pipeline stages (≤ MAX_STAGES) whose buffers fit beside the output staging."""
-    return max(2, min(MAX_STAGES, (platform.SMEM_BYTES - out_bytes - 1024) // stage_bytes))
+def _stages(stage_bytes: int, out_bytes: int, most: int = MAX_STAGES) -> int:
+    """Most pipeline stages (≤ most) whose buffers fit beside the output staging."""
+    return max(2, min(most, (platform.SMEM_BYTES - out_bytes - 1024) // stage_bytes))
 
 
 def _check(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, transpose_rhs: bool) -> None:
@@ -48,40 +49,72 @@ def _check(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, transpose_rhs
         raise ValueError(f"gmm: lhs is {lhs.dtype} but rhs is {rhs.dtype}; cast one of them")
 
 
-def _columns(n: int, what: str) -> int:
-    """Per-warpgroup column tile for an output of width n (two warpgroups per block)."""
+def _columns(n: int, what: str, per_block: int = 2) -> int:
+    """Per-warpgroup column tile for an output of width n (``per_block`` tiles per block)."""
     for tile in (128, 64):
-        if n % (2 * tile) == 0:
+        if n % (per_block * tile) == 0:
             return tile
     raise ValueError(f"the Pallas grouped matmul needs {what}={n} to be a multiple of 128; "
                      "pad it or use expert_matmul='ragged_dot'")
 
 
 def gmm_tiling(k: int, n: int, itemsize: int = 2, out_itemsize: int = 2, *,
-               epi_tile: int = 64, chain: bool = True, combine: bool = False) -> GmmTiling:
+               epi_tile: int = 64, chain: bool = True, combine: bool = False,
+               stream: bool = False, pingpong: bool = False) -> GmmTiling:
     """Default tiles for a [*, k] @ [k, n] grouped matmul; as many stages as shared memory holds.
 
     Tiles are chained (``chain``) only where that stage count divides ``k / tile_k``: chaining
     with fewer stages was slower on H200 (docs/benchmarks.md). ``combine``: the output is
-    staged as one float32 piece per warpgroup (``gmm_combine_mgpu``).
+    staged as one float32 piece per warpgroup (``gmm_combine_mgpu``). ``stream`` /
+    ``pingpong``: the kernel with its own ring across tiles (``gmm_stream_mgpu``; up to 8
+    stages), cooperative or with each compute warpgroup owning whole tiles.
     """
     if k % 64:
         raise ValueError(f"the Pallas grouped matmul needs the contraction size {k} to be a "
                          "multiple of 64; pad it or use expert_matmul='ragged_dot'")
-    t = GmmTiling(tile_n=_columns(n, "the output width"), epi_tile=epi_tile)
-    stage = (t.tile_m * t.tile_k + t.tile_k * t.block_n) * itemsize
+    if (stream or pingpong) and combine:
+        raise ValueError("the combining grouped matmul has no streamed or ping-pong schedule")
+    t = GmmTiling(tile_n=_columns(n, "the output width", 1 if pingpong else 2),
+                  epi_tile=epi_tile, stream=stream, pingpong=pingpong)
+    stage = (t.tile_m * t.tile_k + t.tile_k * (t.tile_n if pingpong else t.block_n)) * itemsize
     out_bytes = 2 * t.out_slots * t.out_tile[0] * t.out_tile[1] * out_itemsize
     if combine:
         out_bytes = 2 * t.out_tile[0] * t.out_tile[1] * 4
+    if stream or pingpong:
+        return dataclasses.replace(t, stages=_stages(stage, out_bytes, most=8))
     stages = _stages(stage, out_bytes)
     chain = chain and (k // t.tile_k) % stages == 0
     return dataclasses.replace(t, stages=stages, chain=chain)
 
 
-def tgmm_tiling(k: int, n: int, itemsize: int = 2, out_itemsize: int = 2) -> TgmmTiling:
-    """Default tiles for the [k, n] per-group outputs of tgmm."""
-    t = TgmmTiling(tile_k=128 if k % 128 == 0 else 64, tile_n=_columns(n, "the output width"))
-    stage = (t.tile_m * t.tile_k + t.tile_m * t.block_n) * itemsize
+def default_gmm_tiling(k: int, n: int, itemsize: int = 2, out_itemsize: int = 2) -> GmmTiling:
+    """The schedule ``gmm`` runs by default, the fastest measured (docs/benchmarks.md): ping-pong
+    where the cooperative kernel would split 128-wide columns into 64-wide halves (n an odd
+    multiple of 128, e.g. 1408), the streamed cooperative kernel where chained tiles do not fit
+    the stage count, else the cooperative kernel with chained tiles."""
+    if n % 256 and n % 128 == 0:
+        return gmm_tiling(k, n, itemsize, out_itemsize, pingpong=True)
+    tiling = gmm_tiling(k, n, itemsize, out_itemsize)
+    return tiling if tiling.chain else gmm_tiling(k, n, itemsize, out_itemsize, stream=True)
+
+
+def tgmm_tiling(k: int, n: int, itemsize: int = 2, out_itemsize: int = 2, *,
+                split_k: bool | None = None) -> TgmmTiling:
+    """Default tiles for the [k, n] per-group outputs of tgmm: 128 x 128 per warpgroup, the
+    warpgroups splitting the tile's columns, or its rows (``split_k``; the default where that
+    keeps 128-wide tiles and splitting the columns would not, e.g. n = 1408)."""
+    if split_k is None:
+        split_k = n % 256 != 0 and n % 128 == 0 and k % 256 == 0
+    if split_k:
+        if n % 64 or k % 128:
+            raise ValueError(f"tgmm with split rows needs k % 128 == 0 and n % 64 == 0; got "
+                             f"k={k}, n={n}")
+        t = TgmmTiling(tile_k=128 if k % 256 == 0 else 64, tile_n=128 if n % 128 == 0 else 64,
+                       split_k=True)
+    else:
+        t = TgmmTiling(tile_k=128 if k % 128 == 0 else 64,
+                       tile_n=_columns(n, "the output width"))
+    stage = (t.tile_m * t.block_k + t.tile_m * t.block_n) * itemsize
     stages = _stages(stage, 2 * t.tile_k * t.tile_n * out_itemsize)
     return dataclasses.replace(t, stages=stages)
 
@@ -114,13 +147,13 @@ def _gmm_raw(lhs, rhs, group_sizes, out_dtype, transpose_rhs: bool, mode: str,
         return megablox.gmm(lhs, rhs, group_sizes, out_dtype, transpose_rhs=transpose_rhs)
     m = lhs.shape[0]
     n = rhs.shape[1] if transpose_rhs else rhs.shape[2]
-    tiling = tiling or gmm_tiling(lhs.shape[1], n, lhs.dtype.itemsize,
-                                  jnp.dtype(out_dtype).itemsize)
+    tiling = tiling or default_gmm_tiling(lhs.shape[1], n, lhs.dtype.itemsize,
+                                          jnp.dtype(out_dtype).itemsize)
     lhs = _pad_rows(lhs)
     tiles = schedule.row_tiles(group_sizes, lhs.shape[0], tiling.tile_m)
-    out = gmm_call(lhs, rhs, tiles, out_dtype=out_dtype, tiling=tiling,
-                   transpose_rhs=transpose_rhs, interpret=mode == "interpret",
-                   fill_tail=fill_tail)
+    call = gmm_stream_call if tiling.stream or tiling.pingpong else gmm_call
+    out = call(lhs, rhs, tiles, out_dtype=out_dtype, tiling=tiling,
+               transpose_rhs=transpose_rhs, interpret=mode == "interpret", fill_tail=fill_tail)
     return platform.vary_like(out[:m], lhs, rhs, group_sizes)
 
 

@@ -10,6 +10,11 @@ block count is). The two compute warpgroups zero the rows of their half of the `
 and of the ``lhs`` block that lie outside the group (first and last block only: a neighbouring
 group's rows, or rows past the groups, which may hold anything, NaN included) and accumulate
 ``lhs_block.T @ rhs_block`` with wgmma in float32. Empty groups write zeros.
+
+The two compute warpgroups split a ``tile_k x 2*tile_n`` output tile by columns, sharing the
+``lhs`` block, or with ``split_k`` a ``2*tile_k x tile_n`` tile by rows, sharing the ``rhs``
+block: an output width that is an odd multiple of 128 (1408) gets 128-wide tiles that way
+instead of 64-wide halves.
 """
 
 from __future__ import annotations
@@ -29,17 +34,25 @@ from kernels.schedule import GroupBlocks
 
 @dataclasses.dataclass(frozen=True)
 class TgmmTiling:
-    """``tile_k x 2*tile_n`` output tiles, reduced over ``tile_m``-row blocks."""
+    """``tile_k x 2*tile_n`` output tiles (``2*tile_k x tile_n`` with ``split_k``), reduced
+    over ``tile_m``-row blocks."""
 
     tile_m: int = 64
     tile_k: int = 128
     tile_n: int = 128
     stages: int = 4
     grid_tile_width: int = 8
+    split_k: bool = False  # the warpgroups split the tile's rows, not its columns
+
+    @property
+    def block_k(self) -> int:
+        """Rows of an output tile (the lhs block's width)."""
+        return 2 * self.tile_k if self.split_k else self.tile_k
 
     @property
     def block_n(self) -> int:
-        return 2 * self.tile_n
+        """Columns of an output tile (the rhs block's width)."""
+        return self.tile_n if self.split_k else 2 * self.tile_n
 
 
 def tgmm_call(
@@ -55,10 +68,11 @@ def tgmm_call(
     """Run the kernel: ``lhs [M, K]``, ``rhs [M, N]`` with M a multiple of ``tile_m``."""
     k = lhs.shape[1]
     n = rhs.shape[1]
-    tm, tk, tn, bn = tiling.tile_m, tiling.tile_k, tiling.tile_n, tiling.block_n
-    k_iters, n_iters = k // tk, n // bn
+    tm, tk, tn = tiling.tile_m, tiling.tile_k, tiling.tile_n
+    bk, bn = tiling.block_k, tiling.block_n
+    k_iters, n_iters = k // bk, n // bn
     stages = tiling.stages
-    lhs_transforms = _smem_transforms(tk, lhs.dtype)
+    lhs_transforms = _smem_transforms(bk, lhs.dtype)
     rhs_transforms = _smem_transforms(bn, rhs.dtype)
     out_transforms = _smem_transforms(tn, out_dtype)
 
@@ -93,7 +107,7 @@ def tgmm_call(
                         plgpu.barrier_wait(consumed.at[slot])
 
                     rows = pl.ds(row0 + r * tm, tm)
-                    plgpu.copy_gmem_to_smem(lhs_gmem.at[rows, pl.ds(ki * tk, tk)],
+                    plgpu.copy_gmem_to_smem(lhs_gmem.at[rows, pl.ds(ki * bk, bk)],
                                             lhs_smem.at[slot], lhs_ready.at[slot])
                     plgpu.copy_gmem_to_smem(rhs_gmem.at[rows, pl.ds(ni * bn, bn)],
                                             rhs_smem.at[slot], rhs_ready.at[slot])
@@ -121,7 +135,10 @@ def tgmm_call(
                         slot = lax.rem(step, stages)
                         plgpu.barrier_wait(lhs_ready.at[slot])
                         plgpu.barrier_wait(rhs_ready.at[slot])
-                        b = rhs_smem.at[slot, :, pl.ds(wg * tn, tn)]
+                        if tiling.split_k:  # this warpgroup's rows of the tile
+                            a, b = lhs_smem.at[slot, :, pl.ds(wg * tk, tk)], rhs_smem.at[slot]
+                        else:  # this warpgroup's columns of the tile
+                            a, b = lhs_smem.at[slot], rhs_smem.at[slot, :, pl.ds(wg * tn, tn)]
 
                         @pl.when((r == 0) | (r == nblocks - 1))
                         def _mask():  # rows of other groups, or undefined rows past them
@@ -131,14 +148,13 @@ def tgmm_call(
                                     row = plgpu.layout_cast(row, plgpu.Layout.WGMMA)
                                 return (row + r * tm >= lo) & (row + r * tm < hi)
 
+                            # both operands (the shared one: both warpgroups write the same
+                            # zeros): a NaN in one times a zeroed row of the other is NaN
                             b[...] = jnp.where(keep(tn), b[...], jnp.zeros_like(b[...]))
-                            # lhs too (both warpgroups write the same zeros): a NaN there
-                            # times a zeroed rhs row would still be NaN
-                            a = lhs_smem.at[slot]
                             a[...] = jnp.where(keep(tk), a[...], jnp.zeros_like(a[...]))
                             plgpu.commit_smem()
 
-                        mma(acc, lhs_smem.at[slot], b, transpose_a=True, transpose_b=False,
+                        mma(acc, a, b, transpose_a=True, transpose_b=False,
                             scratch=scratch and (scratch[0].at[wg], scratch[1].at[wg]))
                         plgpu.barrier_arrive(consumed.at[slot])
                         return step + 1
@@ -149,7 +165,8 @@ def tgmm_call(
                     plgpu.commit_smem()
                     plgpu.copy_smem_to_gmem(
                         out_smem.at[wg],
-                        out_gmem.at[g, pl.ds(ki * tk, tk), pl.ds(ni * bn + wg * tn, tn)],
+                        out_gmem.at[g, pl.ds(ki * bk + wg * (bk - tk), tk),
+                                    pl.ds(ni * bn + wg * (bn - tn), tn)],
                     )
                     return step
 
@@ -161,7 +178,7 @@ def tgmm_call(
     def entry(*refs):
         pl.run_scoped(
             lambda *scoped: kernel(*refs, *scoped),
-            plgpu.SMEM((stages, tm, tk), lhs.dtype, transforms=lhs_transforms),
+            plgpu.SMEM((stages, tm, bk), lhs.dtype, transforms=lhs_transforms),
             plgpu.SMEM((stages, tm, bn), rhs.dtype, transforms=rhs_transforms),
             plgpu.SMEM((2, tk, tn), out_dtype, transforms=out_transforms),
             plgpu.Barrier(num_barriers=stages),

@@ -5,6 +5,8 @@ M not a multiple of the tile and rows past the last group. The interpreter fills
 with NaN, so any output element the kernel forgot to write fails the comparison.
 """
 
+import itertools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -157,10 +159,68 @@ def test_gmm_pipeline_options_match_numpy(options):
     assert np.all(got[sizes.sum():] == 0)
 
 
-@pytest.mark.parametrize("stages", [2, 3])
-def test_tgmm_stream_across_tiles_matches_numpy(stages):
+@pytest.mark.parametrize("pingpong,transpose,fill_tail", [
+    (True, False, True), (True, True, True), (True, False, False),
+    (False, False, True), (False, True, False),
+])
+def test_gmm_streamed_matches_numpy(pingpong, transpose, fill_tail):
+    """The streamed kernel (one ring of stages across tiles, a wgmma left in flight), with the
+    warpgroups sharing each tile or owning alternate tiles (ping-pong): forward and transposed
+    weights, tiles over group boundaries, an empty group and rows past the groups (zeros, or
+    left unwritten)."""
+    from kernels.gmm_mgpu import GmmTiling
+    from kernels.grouped_matmul import _gmm_raw, _mode
+
+    rng = np.random.default_rng()
+    m, k, g = 333, 256, 5
+    n = 192 if pingpong else 256  # three tiles (alternating warpgroups), or two
+    sizes = random_sizes(rng, m, g, empty=1, tail=40)
+    x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
+    w = jnp.asarray(rng.standard_normal((g, n, k) if transpose else (g, k, n)), jnp.bfloat16)
+    tiling = GmmTiling(tile_n=64, tile_k=64, stages=3, epi_tile=64, stream=True,
+                       pingpong=pingpong)
+    got = np.asarray(_gmm_raw(x, w, jnp.asarray(sizes), jnp.float32, transpose, _mode(None),
+                              tiling, fill_tail=fill_tail), np.float64)
+    want = np_gmm(f64(x), f64(w), sizes, transpose)
+    used = sizes.sum()
+    assert not np.isnan(got[:used]).any(), "unwritten output rows"
+    np.testing.assert_allclose(got[:used], want[:used], rtol=1e-5,
+                               atol=1e-4 * np.abs(want).max())
+    if fill_tail:
+        assert np.all(got[used:] == 0)
+    elif not ON_GPU:  # the interpreter fills unwritten output with NaN
+        assert np.isnan(got[used:]).all(), "rows past the groups were written"
+
+
+def test_gmm_and_tgmm_default_tilings():
+    """Ping-pong keeps whole 128-wide tiles per warpgroup at N = 1408, which the cooperative
+    kernel must split into 64-wide halves, with as many stages as fit; tgmm splits rows there."""
+    from kernels import platform
+
+    t = gm.gmm_tiling(2048, 1408, pingpong=True)
+    assert (t.tile_m, t.tile_n, t.pingpong) == (128, 128, True)
+    stage = (t.tile_m + t.tile_n) * t.tile_k * 2
+    staging = 2 * t.out_slots * t.out_tile[0] * t.out_tile[1] * 2
+    assert t.stages * stage + staging <= platform.SMEM_BYTES < (t.stages + 1) * stage + staging
+    assert gm.gmm_tiling(2048, 1408).tile_n == 64
+    dw = gm.tgmm_tiling(2048, 1408)  # rows split: 256 x 128 tiles instead of 128 x 128
+    assert (dw.split_k, dw.block_k, dw.block_n) == (True, 256, 128)
+    assert dw.stages == gm.tgmm_tiling(2048, 1024).stages  # same stage bytes
+    assert not gm.tgmm_tiling(2048, 1024).split_k
+    assert gm.gmm_tiling(2048, 1024, stream=True).stages == 4  # 48 KiB stages
+    # gmm's default: ping-pong at n = 1408, streamed where 22 k-steps cannot chain 4 stages
+    assert gm.default_gmm_tiling(2048, 1408).pingpong
+    assert gm.default_gmm_tiling(1408, 2048).stream
+    assert gm.default_gmm_tiling(2048, 1024).chain
+    with pytest.raises(ValueError, match="ping-pong"):
+        gm.gmm_tiling(2048, 1024, pingpong=True, combine=True)
+
+
+@pytest.mark.parametrize("stages,split_k", [(2, False), (3, False), (3, True)])
+def test_tgmm_stream_across_tiles_matches_numpy(stages, split_k):
     """tgmm's pipeline is one stream of row blocks across tiles: small rings, empty groups and
-    one-block groups between the others, against float64 NumPy."""
+    one-block groups between the others, the warpgroups splitting each output tile's columns
+    or rows, against float64 NumPy."""
     from kernels.grouped_matmul import _mode, _tgmm_raw
     from kernels.tgmm_mgpu import TgmmTiling
 
@@ -170,7 +230,7 @@ def test_tgmm_stream_across_tiles_matches_numpy(stages):
     sizes[np.flatnonzero(sizes)[0]] = 3  # a group inside one block
     x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
     y = jnp.asarray(rng.standard_normal((m, n)), jnp.bfloat16)
-    tiling = TgmmTiling(tile_k=64, tile_n=64, stages=stages)
+    tiling = TgmmTiling(tile_k=64, tile_n=64, stages=stages, split_k=split_k)
     got = np.asarray(_tgmm_raw(x, y, jnp.asarray(sizes), jnp.float32, _mode(None), tiling),
                      np.float64)
     want = np_tgmm(f64(x), f64(y), sizes)
@@ -201,6 +261,13 @@ def test_many_tiles_per_block_match_numpy_on_gpu():
     got = np.asarray(gm.tgmm(x, dy, gs, preferred_element_type=jnp.float32), np.float64)
     want = np_tgmm(f64(x), f64(dy), sizes)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4 * np.abs(want).max())
+    # the streamed kernel: ~15-30 tiles per block, cooperative and ping-pong, forward and dX
+    for (transpose, lhs), pingpong in itertools.product(((False, x), (True, dy)), (False, True)):
+        tiling = gm.gmm_tiling(n if transpose else k, k if transpose else n, stream=True,
+                               pingpong=pingpong)
+        got = f64(gm._gmm_raw(lhs, w, gs, jnp.bfloat16, transpose, "gpu", tiling))
+        want = np_gmm(f64(lhs), f64(w), sizes, transpose)
+        np.testing.assert_allclose(got, want, rtol=1e-2, atol=1e-2 * np.abs(want).max())
 
 
 def test_chained_tiles_need_whole_stage_rounds():
@@ -215,7 +282,8 @@ def test_chained_tiles_need_whole_stage_rounds():
 
 @pytest.mark.parametrize("routing,tiles", [
     ("random", "default"), ("one_group", "default"), ("one_row_each", "default"),
-    ("random", "options"),
+    ("random", "options"), ("random", "pingpong"), ("one_group", "pingpong"),
+    ("random", "stream"),
 ])
 def test_gmm_gradients_match_reference(routing, tiles, monkeypatch):
     """Forward, dX and dW through the custom VJP against XLA's ragged_dot; "options" runs the
@@ -227,10 +295,14 @@ def test_gmm_gradients_match_reference(routing, tiles, monkeypatch):
     rng = np.random.default_rng()
     m, k, n, g = 256, 128, 128, 4
     if tiles == "options":
-        monkeypatch.setattr(gm, "gmm_tiling", lambda k, *a, **kw: GmmTiling(
+        monkeypatch.setattr(gm, "default_gmm_tiling", lambda k, *a, **kw: GmmTiling(
             tile_n=32, tile_k=64, stages=2, chain=(k // 64) % 2 == 0, epi_tile=32))
         monkeypatch.setattr(gm, "tgmm_tiling", lambda *a, **kw: TgmmTiling(
             tile_k=64, tile_n=32, stages=2))
+    if tiles in ("pingpong", "stream"):
+        monkeypatch.setattr(gm, "default_gmm_tiling", lambda k, *a, **kw: GmmTiling(
+            tile_n=64 if tiles == "pingpong" else 32, tile_k=64, stages=3, epi_tile=32,
+            stream=True, pingpong=tiles == "pingpong"))
     sizes = {"random": random_sizes(rng, m, g),
              "one_group": np.eye(g, dtype=np.int32)[rng.integers(g)] * m,
              "one_row_each": np.array([1] * (g - 1) + [m - g + 1], np.int32)}[routing]
@@ -280,6 +352,28 @@ def test_compiled_kernels_lower_for_cuda():
     for fn, kernels in [(forward, 1), (jax.grad(loss, argnums=(0, 1)), 2)]:
         calls = mosaic_gpu_calls(fn, args)
         assert len(calls) == kernels, calls
+
+
+@pytest.mark.parametrize("pingpong", [False, True])
+def test_streamed_kernel_lowers_for_cuda(pingpong):
+    """The compiled streamed gmm (cooperative and ping-pong), forward and transposed, is one
+    Mosaic GPU kernel each."""
+    from conftest import mosaic_gpu_calls
+
+    bf16 = jnp.bfloat16
+    m, k, n, g = 1024, 256, 384, 8
+    for transpose in (False, True):
+        tiling = gm.gmm_tiling(n if transpose else k, k if transpose else n, stream=True,
+                               pingpong=pingpong)
+
+        def forward(x, w, sizes, transpose=transpose, tiling=tiling):
+            return gm._gmm_raw(x, w, sizes, bf16, transpose, "gpu", tiling)
+
+        w_shape = (g, k, n)
+        x_shape = (m, n) if transpose else (m, k)
+        args = [jax.ShapeDtypeStruct(x_shape, bf16), jax.ShapeDtypeStruct(w_shape, bf16),
+                jax.ShapeDtypeStruct((g,), jnp.int32)]
+        assert len(mosaic_gpu_calls(forward, args)) == 1
 
 
 def test_vary_like_marks_variance_without_arithmetic():
