@@ -10,6 +10,8 @@ them; outputs must agree):
             (``precombine="rows"``)
   combine   gmm_combine(h): rows added into their received row in float32 in the matmul's
             epilogue, then cast to bf16 (``precombine="epilogue"``)
+  combine-pingpong   the same with the ping-pong kernel: one warpgroup's reductions overlap
+            the other's k-steps
 Times are wall-clock medians of --iters synchronised calls after two warm-ups; --profile
 prints the top GPU ops of each forward and forward+backward step.
 """
@@ -30,7 +32,7 @@ def parse_args(argv=None):
     p.add_argument("--shapes", default="olmoe,deepseek")
     p.add_argument("--devices", default="4", help="expert-parallel sizes N to simulate")
     p.add_argument("--tokens", type=int, default=16384, help="tokens per source device")
-    p.add_argument("--variants", default="gmm+sum,combine")
+    p.add_argument("--variants", default="gmm+sum,combine,combine-pingpong")
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--profile", action="store_true")
     p.add_argument("--out", default=None)
@@ -73,7 +75,7 @@ def bench_case(shape: str, n: int, args) -> list[dict]:
     from fused_experts import SHAPES, receive_buffer
     from timing import median_ms
 
-    from kernels.grouped_matmul import gmm, gmm_combine
+    from kernels.grouped_matmul import gmm, gmm_combine, gmm_tiling
     from occult_jax.experts import row_layout
     from occult_jax.plan import item_weights, make_expert_plan
     from occult_jax.row_maps import reduce_rows
@@ -95,16 +97,19 @@ def bench_case(shape: str, n: int, args) -> list[dict]:
         y = gmm(h, w, plan.group_sizes, fill_tail=False)
         return reduce_rows(y, plan.row_items, plan.item_row, fill_empty=False)
 
-    def combined(h, w, plan):
-        out = gmm_combine(h, w, plan.group_sizes, plan.item_row, r, fill_tail=False)
+    def combined(h, w, plan, tiling=None):
+        out = gmm_combine(h, w, plan.group_sizes, plan.item_row, r, fill_tail=False,
+                          tiling=tiling)
         return out.astype(h.dtype)
+
+    pingpong = functools.partial(combined, tiling=gmm_tiling(f, d, combine=True, pingpong=True))
 
     def loss(fn, h, w, plan, cot):  # needs the forward's value (a linear loss would not)
         return jnp.sum(jnp.square(fn(h, w, plan).astype(jnp.float32)) * cot)
 
     rows, want = [], None
     for name in args.variants.split(","):
-        fn = {"gmm+sum": separate, "combine": combined}[name]
+        fn = {"gmm+sum": separate, "combine": combined, "combine-pingpong": pingpong}[name]
         fwd = jax.jit(fn)
         step = jax.jit(jax.grad(functools.partial(loss, fn), argnums=(0, 1)))
         y = np.asarray(fwd(h, w, plan), np.float32)

@@ -27,6 +27,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from kernels import platform
+from kernels.gmm_combine_mgpu import combine_owned_rows, staging
 from kernels.gmm_mgpu import GmmTiling, _smem_transforms, interpret_scratch, mma, write_owned_rows
 from kernels.schedule import RowTiles
 
@@ -41,9 +42,16 @@ def gmm_stream_call(
     transpose_rhs: bool,
     interpret: bool,
     fill_tail: bool = True,
-) -> jax.Array:
+    combine: tuple[jax.Array, jax.Array] | None = None,
+) -> jax.Array | None:
     """Run the kernel: lhs [M, K] (M a multiple of tile_m), rhs [G, K, N] or [G, N, K]. Rows
-    past the last group are zeros, or left unwritten without ``fill_tail``."""
+    past the last group are zeros, or left unwritten without ``fill_tail``.
+
+    ``combine=(dest [M] int32, out)``: instead, add each row of a group into the float32 ref
+    ``out[dest[row]]`` (``gmm_combine_mgpu``; GPU only, ``out`` zeroed; returns None)."""
+    if combine is not None and (interpret or tiling.out_tile[0] != tiling.out_tile[1]):
+        raise ValueError("the combining grouped matmul runs compiled only, with square "
+                         "output pieces (epi_tile)")
     m, k = lhs.shape
     n = rhs.shape[1] if transpose_rhs else rhs.shape[2]
     tm, tn, tk, stages = tiling.tile_m, tiling.tile_n, tiling.tile_k, tiling.stages
@@ -55,7 +63,10 @@ def gmm_stream_call(
     owners = 2 if pingpong else 1  # sets of "loaded" barriers
 
     def kernel(group_ref, block_ref, lo_ref, hi_ref, count_ref, live_ref, lhs_gmem, rhs_gmem,
-               out_gmem, a_smem, b_smem, out_smem, a_loaded, b_loaded, consumed, scratch):
+               *refs):
+        dest_gmem = refs[0] if combine is not None else None
+        (out_gmem, a_smem, b_smem, out_smem, a_loaded, b_loaded, consumed,
+         scratch) = refs[combine is not None:]
         wg = lax.axis_index("wg")
         live = live_ref[0]
         col = 0 if pingpong else wg * tn  # this warpgroup's first column in a tile
@@ -106,6 +117,11 @@ def gmm_stream_call(
                 plgpu.barrier_wait(consumed.at[lax.rem(step, stages)])
 
         def write(values, ti, ni):
+            if combine is not None:
+                combine_owned_rows(values, out_smem.at[wg], dest_gmem, out_gmem, lo_ref[ti],
+                                   hi_ref[ti], block_ref[ti] * tm, ni * tile_cols + col,
+                                   tile_m=tm, tile_n=tn, piece=tiling.out_tile[0])
+                return
             write_owned_rows(values, out_smem.at[wg], out_gmem, lo_ref[ti], hi_ref[ti],
                              block_ref[ti] * tm, ni * tile_cols + col, tiling)
 
@@ -146,7 +162,7 @@ def gmm_stream_call(
 
             tiles_loop(compute_tile)
 
-            if fill_tail:
+            if fill_tail and combine is None:
                 @plgpu.nd_loop(((count_ref[0] - live) * n_iters,), collective_axes="sm")
                 def _zero_tile(info):
                     @pl.when(my_tile(info.local_index))
@@ -161,7 +177,8 @@ def gmm_stream_call(
             lambda *scoped: kernel(*refs, *scoped),
             plgpu.SMEM((stages, tm, tk), lhs.dtype, transforms=transforms),
             plgpu.SMEM((stages, *b_tile), rhs.dtype, transforms=transforms),
-            plgpu.SMEM((2, tiling.out_slots, *tiling.out_tile), out_dtype),
+            (staging(tiling.out_tile[0]) if combine is not None
+             else plgpu.SMEM((2, tiling.out_slots, *tiling.out_tile), out_dtype)),
             plgpu.Barrier(num_barriers=owners * stages),
             plgpu.Barrier(num_barriers=owners * stages),
             plgpu.Barrier(num_arrivals=1 if pingpong else 2, num_barriers=stages),
@@ -169,6 +186,9 @@ def gmm_stream_call(
             collective_axes="wg",
         )
 
+    if combine is not None:
+        platform.warp_specialized_kernel(entry, (), interpret=False)(*tiles, lhs, rhs, *combine)
+        return None
     call = platform.warp_specialized_kernel(
         entry, jax.ShapeDtypeStruct((m, n), out_dtype), interpret=interpret)
     return call(*tiles, lhs, rhs)

@@ -72,8 +72,6 @@ def gmm_tiling(k: int, n: int, itemsize: int = 2, out_itemsize: int = 2, *,
     if k % 64:
         raise ValueError(f"the Pallas grouped matmul needs the contraction size {k} to be a "
                          "multiple of 64; pad it or use expert_matmul='ragged_dot'")
-    if (stream or pingpong) and combine:
-        raise ValueError("the combining grouped matmul has no streamed or ping-pong schedule")
     t = GmmTiling(tile_n=_columns(n, "the output width", 1 if pingpong else 2),
                   epi_tile=epi_tile, stream=stream, pingpong=pingpong)
     stage = (t.tile_m * t.tile_k + t.tile_k * (t.tile_n if pingpong else t.block_n)) * itemsize
@@ -285,8 +283,8 @@ def gather_gmm(x: jax.Array, rows: jax.Array, rhs: jax.Array, group_sizes: jax.A
                        _mode(interpret))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
-def _gmm_combine(lhs, rhs, group_sizes, dest, num_rows, mode, fill_tail):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
+def _gmm_combine(lhs, rhs, group_sizes, dest, num_rows, mode, fill_tail, tiling=None):
     _check(lhs, rhs, group_sizes, False)
     m, n = lhs.shape[0], rhs.shape[2]
     if mode != "gpu" or lhs.dtype.itemsize != 2:  # gmm, then a segment-sum of the used rows
@@ -294,22 +292,23 @@ def _gmm_combine(lhs, rhs, group_sizes, dest, num_rows, mode, fill_tail):
         used = jnp.arange(m) < jnp.sum(group_sizes)
         return jax.ops.segment_sum(jnp.where(used[:, None], items, 0.0),
                                    jnp.where(used, dest, num_rows), num_segments=num_rows)
-    tiling = gmm_tiling(lhs.shape[1], n, lhs.dtype.itemsize, combine=True)
+    tiling = tiling or gmm_tiling(lhs.shape[1], n, lhs.dtype.itemsize, combine=True)
     lhs_p = _pad_rows(lhs)
     dest_p = jnp.pad(dest, (0, lhs_p.shape[0] - m))
     tiles = schedule.row_tiles(group_sizes, lhs_p.shape[0], tiling.tile_m)
     out = jax.new_ref(platform.vary_like(jnp.zeros((num_rows, n), jnp.float32), lhs, dest))
-    gmm_call(lhs_p, rhs, tiles, out_dtype=jnp.float32, tiling=tiling, transpose_rhs=False,
-             interpret=False, combine=(dest_p, out))
+    call = gmm_stream_call if tiling.stream or tiling.pingpong else gmm_call
+    call(lhs_p, rhs, tiles, out_dtype=jnp.float32, tiling=tiling, transpose_rhs=False,
+         interpret=False, combine=(dest_p, out))
     return platform.vary_like(out[...], lhs, rhs, group_sizes, dest)
 
 
-def _gmm_combine_fwd(lhs, rhs, group_sizes, dest, num_rows, mode, fill_tail):
-    out = _gmm_combine(lhs, rhs, group_sizes, dest, num_rows, mode, fill_tail)
+def _gmm_combine_fwd(lhs, rhs, group_sizes, dest, num_rows, mode, fill_tail, tiling):
+    out = _gmm_combine(lhs, rhs, group_sizes, dest, num_rows, mode, fill_tail, tiling)
     return out, (lhs, rhs, group_sizes, dest)
 
 
-def _gmm_combine_bwd(num_rows, mode, fill_tail, residuals, d_out):
+def _gmm_combine_bwd(num_rows, mode, fill_tail, tiling, residuals, d_out):
     lhs, rhs, group_sizes, dest = residuals
     d_out = d_out.astype(lhs.dtype)
     used = jnp.arange(dest.shape[0]) < jnp.sum(group_sizes)
@@ -327,7 +326,7 @@ _gmm_combine.defvjp(_gmm_combine_fwd, _gmm_combine_bwd)
 
 def gmm_combine(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, dest: jax.Array,
                 num_rows: int, *, interpret: bool | None = None,
-                fill_tail: bool = True) -> jax.Array:
+                fill_tail: bool = True, tiling: GmmTiling | None = None) -> jax.Array:
     """``out[r] = Σ_{i in a group, dest[i] = r} lhs[i] @ rhs[g(i)]`` in float32: lhs [M, K] rows
     grouped by expert, dest [M] (clamped into [0, num_rows)) → [num_rows, N] float32.
 
@@ -336,7 +335,8 @@ def gmm_combine(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, dest: ja
     which a row's items are added is not fixed), so the item-order product is never stored.
     Elsewhere (and for float32 operands): ``gmm`` and a segment-sum. Gradients: d lhs is the
     transposed ``gmm`` of ``d_out[dest]``, d rhs ``tgmm``; with ``fill_tail=False`` d lhs is
-    undefined past the groups (as for ``gmm``).
+    undefined past the groups (as for ``gmm``). ``tiling``: the kernel's tiles and schedule
+    (``gmm_tiling(..., combine=True)``; benchmarks compare schedules with it).
     """
     if dest.shape != lhs.shape[:1]:
         raise ValueError(f"gmm_combine: dest must be [{lhs.shape[0]}] (one row per lhs row); "
@@ -346,7 +346,7 @@ def gmm_combine(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, dest: ja
     dest = jnp.clip(dest.astype(jnp.int32), 0, num_rows - 1)  # a bad index never writes wild
     rhs = platform.vary_like(rhs, lhs)
     return _gmm_combine(lhs, rhs, group_sizes.astype(jnp.int32), dest, num_rows,
-                        _mode(interpret), fill_tail)
+                        _mode(interpret), fill_tail, tiling)
 
 
 def flops(m: int, k: int, n: int) -> int:

@@ -36,18 +36,28 @@ def routing(rng, kind: str, r: int, m: int, g: int):
     return dest.astype(np.int32), sizes.astype(np.int32)
 
 
+GPU_ONLY = pytest.mark.skipif(not ON_GPU, reason="off GPU gmm_combine runs its fallback, the "
+                              "same for every kernel schedule")
+
+
 @pytest.mark.parametrize("kind", ["random", "one_row", "one_group"])
-@pytest.mark.parametrize("fill_tail", [True, False])
-def test_gmm_combine_values_and_gradients(kind, fill_tail):
+@pytest.mark.parametrize("fill_tail,pingpong", [
+    (True, False), (False, False), pytest.param(True, True, marks=GPU_ONLY),
+    pytest.param(False, True, marks=GPU_ONLY)])
+def test_gmm_combine_values_and_gradients(kind, fill_tail, pingpong):
+    """Cooperative and ping-pong kernels (the latter combines one warpgroup's tile while the
+    other multiplies)."""
     rng = np.random.default_rng()
     r, m, k, n, g = (3000, 20000, 512, 1024, 12) if ON_GPU else (70, 300, 128, 256, 5)
+    tiling = gm.gmm_tiling(k, n, combine=True, pingpong=True) if pingpong else None
     dest, sizes = routing(rng, kind, r, m, g)
     x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
     w = jnp.asarray(rng.standard_normal((g, k, n)) / np.sqrt(k), jnp.bfloat16)
     cot = jnp.asarray(rng.standard_normal((r, n)), jnp.float32)
 
     def loss(x, w):
-        out = gm.gmm_combine(x, w, jnp.asarray(sizes), jnp.asarray(dest), r, fill_tail=fill_tail)
+        out = gm.gmm_combine(x, w, jnp.asarray(sizes), jnp.asarray(dest), r, fill_tail=fill_tail,
+                             tiling=tiling)
         return jnp.sum(out * cot), out
 
     (_, out), (dx, dw) = jax.value_and_grad(loss, (0, 1), has_aux=True)(x, w)
@@ -90,6 +100,11 @@ def test_gmm_combine_lowers_for_cuda():
     for fn, kernels in [(forward, 1), (jax.grad(loss, argnums=(0, 2)), 2)]:
         calls = mosaic_gpu_calls(fn, args, triton=True)
         assert len(calls) == kernels, calls
+    pingpong = gm.gmm_tiling(k, n, combine=True, pingpong=True)
+    calls = mosaic_gpu_calls(
+        lambda x, dest, w, sizes: gm._gmm_combine(x, w, sizes, dest, r, "gpu", False, pingpong),
+        args)
+    assert len(calls) == 1, calls
 
 
 def test_gmm_combine_bad_arguments_are_one_line_errors():
