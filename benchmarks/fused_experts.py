@@ -23,6 +23,9 @@ inputs and must agree:
                    item-gradient array in the backward, no sum of two)
   <variant>@xla    that variant with the row copies and sums on XLA gathers instead of the
                    row kernels (kernels/row_gather.py, the default on GPU)
+  <variant>@cooperative  that variant with gmm and tgmm on the cooperative column-split
+                   schedule everywhere (the defaults before 2026-11-24: no ping-pong, no
+                   streamed gmm, no row-split tgmm)
 
 Times are wall-clock medians of --iters synchronised calls after two warm-ups; fwd+bwd is the
 gradient of sum(out² · cot), which needs the forward's value (before 2026-11-24 it was a loss
@@ -166,6 +169,8 @@ def bench_case(shape: str, n: int, tilings, timed, args, every_row: list) -> lis
     flops = 3 * 2 * items * d * f  # three matmuls over the (row, expert) items
 
     def separate(backend):
+        if backend.endswith("@cooperative"):
+            return on_cooperative_schedule(separate(backend[:-len("@cooperative")]))
         if backend.endswith("@xla"):
             inner = separate(backend[:-len("@xla")])
 
@@ -182,6 +187,19 @@ def bench_case(shape: str, n: int, tilings, timed, args, every_row: list) -> lis
         if backend == "pallas-epilogue":
             return pallas_epilogue
         return lambda x, sw, ws: compute_experts(x, slot, sw, ws, backend)
+
+    def on_cooperative_schedule(inner):
+        import kernels.grouped_matmul as gm
+
+        def fn(*a):  # patched while jit traces the variant
+            saved = gm.default_gmm_tiling, gm.tgmm_tiling
+            gm.default_gmm_tiling = gm.gmm_tiling
+            gm.tgmm_tiling = functools.partial(saved[1], split_k=False)
+            try:
+                return inner(*a)
+            finally:
+                gm.default_gmm_tiling, gm.tgmm_tiling = saved
+        return fn
 
     def on_pallas_plan(item_outputs):
         """A variant from its item-order SwiGLU item_outputs(x, plan, ws): the pallas plan
