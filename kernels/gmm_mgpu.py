@@ -144,6 +144,13 @@ def write_owned_rows(values, out_slots, out_gmem, lo, hi, row0, col0,
                                  row0 + r * em, col0 + c * en, em)
 
 
+def check_combine(combine, tiling: GmmTiling, interpret: bool) -> None:
+    """The combining epilogue (``gmm_combine_mgpu``) runs compiled, with square pieces."""
+    if combine is not None and (interpret or tiling.out_tile[0] != tiling.out_tile[1]):
+        raise ValueError("the combining grouped matmul runs compiled only, with square "
+                         "output pieces (epi_tile)")
+
+
 def gmm_call(
     lhs: jax.Array,
     rhs: jax.Array,
@@ -192,9 +199,7 @@ def gmm_call(
             pipeline_state=state,
         )
 
-    if combine is not None and (interpret or tiling.out_tile[0] != tiling.out_tile[1]):
-        raise ValueError("the combining grouped matmul runs compiled only, with square "
-                         "output pieces (epi_tile)")
+    check_combine(combine, tiling, interpret)
     out_staging = (staging(tiling.out_tile[0]) if combine is not None
                    else plgpu.SMEM((2, tiling.out_slots, *tiling.out_tile), out_dtype))
 

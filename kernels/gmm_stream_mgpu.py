@@ -28,7 +28,14 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from kernels import platform
 from kernels.gmm_combine_mgpu import combine_owned_rows, staging
-from kernels.gmm_mgpu import GmmTiling, _smem_transforms, interpret_scratch, mma, write_owned_rows
+from kernels.gmm_mgpu import (
+    GmmTiling,
+    _smem_transforms,
+    check_combine,
+    interpret_scratch,
+    mma,
+    write_owned_rows,
+)
 from kernels.schedule import RowTiles
 
 
@@ -49,9 +56,7 @@ def gmm_stream_call(
 
     ``combine=(dest [M] int32, out)``: instead, add each row of a group into the float32 ref
     ``out[dest[row]]`` (``gmm_combine_mgpu``; GPU only, ``out`` zeroed; returns None)."""
-    if combine is not None and (interpret or tiling.out_tile[0] != tiling.out_tile[1]):
-        raise ValueError("the combining grouped matmul runs compiled only, with square "
-                         "output pieces (epi_tile)")
+    check_combine(combine, tiling, interpret)
     m, k = lhs.shape
     n = rhs.shape[1] if transpose_rhs else rhs.shape[2]
     tm, tn, tk, stages = tiling.tile_m, tiling.tile_n, tiling.tile_k, tiling.stages
