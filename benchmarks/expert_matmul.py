@@ -54,7 +54,8 @@ def our_tilings(gm, pass_: str, k: int, n: int, sweep: str) -> list:
             return [base, gm.tgmm_tiling(k, n, split_k=not base.split_k)]
         grid = itertools.product((64, 128), (64, 128), (3, 4)) if sweep == "small" else ()
         return [base] + [dataclasses.replace(base, tile_m=tm, tile_n=tn, stages=st)
-                         for tm, tn, st in grid if n % (2 * tn) == 0]
+                         for tm, tn, st in grid
+                         if n % dataclasses.replace(base, tile_n=tn).block_n == 0]
     contraction, width = (n, k) if pass_ == "dx" else (k, n)
     base = gm.default_gmm_tiling(contraction, width)
     if sweep == "schedule":

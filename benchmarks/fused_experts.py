@@ -36,6 +36,7 @@ tiny shape (works on CPU: the fused kernels run in the Pallas interpreter there)
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import itertools
 import json
@@ -46,6 +47,24 @@ import numpy as np
 
 SHAPES = {"olmoe": (64, 8, 2048, 1024), "qwen": (60, 4, 2048, 1408),
           "deepseek": (64, 6, 2048, 1408), "tiny": (8, 2, 64, 32)}
+
+
+@contextlib.contextmanager
+def previous_schedules(active: bool):
+    """While active: gmm and tgmm default to the cooperative column-split schedule (the
+    defaults before 2026-11-24). Jit traces a custom_vjp's backward when the gradient is
+    traced, so a variant must be traced (called first) inside this context, forward and
+    gradient both."""
+    import kernels.grouped_matmul as gm
+
+    saved = gm.default_gmm_tiling, gm.tgmm_tiling
+    if active:
+        gm.default_gmm_tiling = gm.gmm_tiling
+        gm.tgmm_tiling = functools.partial(saved[1], split_k=False)
+    try:
+        yield
+    finally:
+        gm.default_gmm_tiling, gm.tgmm_tiling = saved
 
 
 def parse_args(argv=None):
@@ -169,8 +188,8 @@ def bench_case(shape: str, n: int, tilings, timed, args, every_row: list) -> lis
     flops = 3 * 2 * items * d * f  # three matmuls over the (row, expert) items
 
     def separate(backend):
-        if backend.endswith("@cooperative"):
-            return on_cooperative_schedule(separate(backend[:-len("@cooperative")]))
+        if backend.endswith("@cooperative"):  # the schedules are patched in while jit traces
+            return separate(backend[:-len("@cooperative")])
         if backend.endswith("@xla"):
             inner = separate(backend[:-len("@xla")])
 
@@ -187,19 +206,6 @@ def bench_case(shape: str, n: int, tilings, timed, args, every_row: list) -> lis
         if backend == "pallas-epilogue":
             return pallas_epilogue
         return lambda x, sw, ws: compute_experts(x, slot, sw, ws, backend)
-
-    def on_cooperative_schedule(inner):
-        import kernels.grouped_matmul as gm
-
-        def fn(*a):  # patched while jit traces the variant
-            saved = gm.default_gmm_tiling, gm.tgmm_tiling
-            gm.default_gmm_tiling = gm.gmm_tiling
-            gm.tgmm_tiling = functools.partial(saved[1], split_k=False)
-            try:
-                return inner(*a)
-            finally:
-                gm.default_gmm_tiling, gm.tgmm_tiling = saved
-        return fn
 
     def on_pallas_plan(item_outputs):
         """A variant from its item-order SwiGLU item_outputs(x, plan, ws): the pallas plan
@@ -250,7 +256,9 @@ def bench_case(shape: str, n: int, tilings, timed, args, every_row: list) -> lis
         fwd = jax.jit(fn)
         step = jax.jit(jax.grad(functools.partial(loss, fn), argnums=(0, 1, 2)))
         try:
-            y = np.asarray(fwd(x, slot_weight, weights), np.float32)
+            with previous_schedules(name.endswith("@cooperative")):  # traced on first calls
+                y = np.asarray(fwd(x, slot_weight, weights), np.float32)
+                step(x, slot_weight, weights)
             fwd_ms = timed(fwd, x, slot_weight, weights)
             bwd_ms = timed(step, x, slot_weight, weights)
         except Exception as err:  # a tiling may not compile: report it, keep going

@@ -63,7 +63,8 @@ class GmmTiling:
 
     @property
     def block_n(self) -> int:
-        return 2 * self.tile_n
+        """Columns of one tile (both warpgroups', or one's with ``pingpong``)."""
+        return self.tile_n if self.pingpong else 2 * self.tile_n
 
 
 def _smem_transforms(minor_elems: int, dtype) -> tuple:
@@ -144,8 +145,12 @@ def write_owned_rows(values, out_slots, out_gmem, lo, hi, row0, col0,
                                  row0 + r * em, col0 + c * en, em)
 
 
-def check_combine(combine, tiling: GmmTiling, interpret: bool) -> None:
-    """The combining epilogue (``gmm_combine_mgpu``) runs compiled, with square pieces."""
+def check_tiles(k: int, n: int, tiling: GmmTiling, combine, interpret: bool) -> None:
+    """Tiles that cover the [*, k] @ [k, n] product exactly; the combining epilogue
+    (``gmm_combine_mgpu``) runs compiled, with square pieces."""
+    if k % tiling.tile_k or n % tiling.block_n:
+        raise ValueError(f"gmm tiles of {tiling.tile_k} x {tiling.block_n} do not divide "
+                         f"K={k}, N={n}; use grouped_matmul.gmm_tiling")
     if combine is not None and (interpret or tiling.out_tile[0] != tiling.out_tile[1]):
         raise ValueError("the combining grouped matmul runs compiled only, with square "
                          "output pieces (epi_tile)")
@@ -199,7 +204,7 @@ def gmm_call(
             pipeline_state=state,
         )
 
-    check_combine(combine, tiling, interpret)
+    check_tiles(k, n, tiling, combine, interpret)
     out_staging = (staging(tiling.out_tile[0]) if combine is not None
                    else plgpu.SMEM((2, tiling.out_slots, *tiling.out_tile), out_dtype))
 

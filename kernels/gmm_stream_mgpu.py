@@ -31,7 +31,7 @@ from kernels.gmm_combine_mgpu import combine_owned_rows, staging
 from kernels.gmm_mgpu import (
     GmmTiling,
     _smem_transforms,
-    check_combine,
+    check_tiles,
     interpret_scratch,
     mma,
     write_owned_rows,
@@ -56,12 +56,12 @@ def gmm_stream_call(
 
     ``combine=(dest [M] int32, out)``: instead, add each row of a group into the float32 ref
     ``out[dest[row]]`` (``gmm_combine_mgpu``; GPU only, ``out`` zeroed; returns None)."""
-    check_combine(combine, tiling, interpret)
     m, k = lhs.shape
     n = rhs.shape[1] if transpose_rhs else rhs.shape[2]
+    check_tiles(k, n, tiling, combine, interpret)
     tm, tn, tk, stages = tiling.tile_m, tiling.tile_n, tiling.tile_k, tiling.stages
     pingpong = tiling.pingpong
-    tile_cols = tn if pingpong else 2 * tn  # columns of one tile
+    tile_cols = tiling.block_n  # columns of one tile
     n_iters, k_iters = n // tile_cols, k // tk
     transforms = _smem_transforms(tk, lhs.dtype)
     b_tile = (tile_cols, tk) if transpose_rhs else (tk, tile_cols)

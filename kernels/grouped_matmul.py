@@ -54,8 +54,8 @@ def _columns(n: int, what: str, per_block: int = 2) -> int:
     for tile in (128, 64):
         if n % (per_block * tile) == 0:
             return tile
-    raise ValueError(f"the Pallas grouped matmul needs {what}={n} to be a multiple of 128; "
-                     "pad it or use expert_matmul='ragged_dot'")
+    raise ValueError(f"the Pallas grouped matmul needs {what}={n} to be a multiple of "
+                     f"{64 * per_block}; pad it or use expert_matmul='ragged_dot'")
 
 
 def gmm_tiling(k: int, n: int, itemsize: int = 2, out_itemsize: int = 2, *,
@@ -74,7 +74,7 @@ def gmm_tiling(k: int, n: int, itemsize: int = 2, out_itemsize: int = 2, *,
                          "multiple of 64; pad it or use expert_matmul='ragged_dot'")
     t = GmmTiling(tile_n=_columns(n, "the output width", 1 if pingpong else 2),
                   epi_tile=epi_tile, stream=stream, pingpong=pingpong)
-    stage = (t.tile_m * t.tile_k + t.tile_k * (t.tile_n if pingpong else t.block_n)) * itemsize
+    stage = (t.tile_m * t.tile_k + t.tile_k * t.block_n) * itemsize
     out_bytes = 2 * t.out_slots * t.out_tile[0] * t.out_tile[1] * out_itemsize
     if combine:
         out_bytes = 2 * t.out_tile[0] * t.out_tile[1] * 4
@@ -98,9 +98,10 @@ def default_gmm_tiling(k: int, n: int, itemsize: int = 2, out_itemsize: int = 2)
 
 def tgmm_tiling(k: int, n: int, itemsize: int = 2, out_itemsize: int = 2, *,
                 split_k: bool | None = None) -> TgmmTiling:
-    """Default tiles for the [k, n] per-group outputs of tgmm: 128 x 128 per warpgroup, the
-    warpgroups splitting the tile's columns, or its rows (``split_k``; the default where that
-    keeps 128-wide tiles and splitting the columns would not, e.g. n = 1408)."""
+    """Default tiles for the [k, n] per-group outputs of tgmm: up to 128 x 128 per warpgroup
+    (64 where k or n needs it), the warpgroups splitting the tile's columns, or its rows
+    (``split_k``; the default where that keeps 128-wide tiles and splitting the columns would
+    not, e.g. n = 1408)."""
     if split_k is None:
         split_k = n % 256 != 0 and n % 128 == 0 and k % 256 == 0
     if split_k:

@@ -6,10 +6,11 @@ The memory warpgroup streams the ``tile_m``-row blocks of all of its block's til
 ring of shared-memory stages, without restarting per tile, so the next tile's first blocks
 arrive while the compute warpgroups still write the current tile's output (JAX's
 ``emit_pipeline_warp_specialized`` cannot chain pipelines whose length is dynamic, and a group's
-block count is). The two compute warpgroups zero the rows of their half of the ``rhs`` block
-and of the ``lhs`` block that lie outside the group (first and last block only: a neighbouring
-group's rows, or rows past the groups, which may hold anything, NaN included) and accumulate
-``lhs_block.T @ rhs_block`` with wgmma in float32. Empty groups write zeros.
+block count is). Each compute warpgroup zeroes the rows of the operand views it multiplies
+that lie outside the group (first and last block only: a neighbouring group's rows, or rows past
+the groups, which may hold anything, NaN included; both write the same zeros into the block they
+share) and accumulates ``lhs_block.T @ rhs_block`` with wgmma in float32. Empty groups write
+zeros.
 
 The two compute warpgroups split a ``tile_k x 2*tile_n`` output tile by columns, sharing the
 ``lhs`` block, or with ``split_k`` a ``2*tile_k x tile_n`` tile by rows, sharing the ``rhs``
@@ -70,6 +71,9 @@ def tgmm_call(
     n = rhs.shape[1]
     tm, tk, tn = tiling.tile_m, tiling.tile_k, tiling.tile_n
     bk, bn = tiling.block_k, tiling.block_n
+    if k % bk or n % bn:
+        raise ValueError(f"tgmm tiles of {bk} x {bn} do not divide the [{k}, {n}] outputs; "
+                         "use grouped_matmul.tgmm_tiling")
     k_iters, n_iters = k // bk, n // bn
     stages = tiling.stages
     lhs_transforms = _smem_transforms(bk, lhs.dtype)

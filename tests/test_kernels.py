@@ -225,7 +225,7 @@ def test_tgmm_stream_across_tiles_matches_numpy(stages, split_k):
     from kernels.tgmm_mgpu import TgmmTiling
 
     rng = np.random.default_rng()
-    m, k, n, g = 300, 128, 256, 6
+    m, k, n, g = 300, 256, 256, 6  # split rows: two K tiles of 128
     sizes = random_sizes(rng, m, g, empty=2, tail=5)
     sizes[np.flatnonzero(sizes)[0]] = 3  # a group inside one block
     x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
@@ -268,6 +268,22 @@ def test_many_tiles_per_block_match_numpy_on_gpu():
         got = f64(gm._gmm_raw(lhs, w, gs, jnp.bfloat16, transpose, "gpu", tiling))
         want = np_gmm(f64(lhs), f64(w), sizes, transpose)
         np.testing.assert_allclose(got, want, rtol=1e-2, atol=1e-2 * np.abs(want).max())
+
+
+def test_tiles_that_do_not_divide_the_product_are_refused():
+    """A caller-supplied tiling that would leave columns or rows unwritten is an error."""
+    from kernels.gmm_mgpu import GmmTiling
+    from kernels.grouped_matmul import _gmm_raw, _mode, _tgmm_raw
+    from kernels.tgmm_mgpu import TgmmTiling
+
+    x, w = jnp.ones((128, 256), jnp.bfloat16), jnp.ones((2, 256, 192), jnp.bfloat16)
+    sizes = jnp.array([64, 64])
+    with pytest.raises(ValueError, match="do not divide"):
+        _gmm_raw(x, w, sizes, jnp.float32, False, _mode(None),
+                 GmmTiling(tile_n=128, stages=2, pingpong=True))
+    with pytest.raises(ValueError, match="do not divide"):
+        _tgmm_raw(x, jnp.ones((128, 192), jnp.bfloat16), sizes, jnp.float32, _mode(None),
+                  TgmmTiling(tile_k=128, tile_n=128, split_k=True, stages=2))
 
 
 def test_chained_tiles_need_whole_stage_rounds():
