@@ -24,7 +24,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from kernels import platform
-from kernels.gmm_mgpu import GmmTiling, _smem_transforms, write_owned_rows
+from kernels.gmm_mgpu import GmmTiling, _smem_transforms, output_staging, write_owned_rows
 from kernels.schedule import RowTiles
 
 WARPGROUP = 128
@@ -224,7 +224,7 @@ def gather_gmm_call(
             lambda *scoped: kernel(*refs, *scoped),
             plgpu.SMEM((stages, tm, tk), x.dtype, transforms=transforms),
             plgpu.SMEM((stages, tk, bn), rhs.dtype, transforms=transforms),
-            plgpu.SMEM((2, tiling.out_slots, *tiling.out_tile), out_dtype),
+            output_staging(tiling, out_dtype, None),
             plgpu.SMEM((2 * stages,), jnp.uint32),  # the gathers' mbarriers (8 bytes each)
             plgpu.Barrier(num_barriers=stages),
             plgpu.Barrier(num_arrivals=2, num_barriers=stages),

@@ -145,6 +145,36 @@ def write_owned_rows(values, out_slots, out_gmem, lo, hi, row0, col0,
                                  row0 + r * em, col0 + c * en, em)
 
 
+def output_staging(tiling: GmmTiling, out_dtype, combine):
+    """Shared memory for the two compute warpgroups' output pieces: ``out_slots`` pieces each,
+    or one float32 piece each to add into the combined rows."""
+    if combine is not None:
+        return staging(tiling.out_tile[0])
+    return plgpu.SMEM((2, tiling.out_slots, *tiling.out_tile), out_dtype)
+
+
+def write_tile(values, out_smem, out_gmem, dest_gmem, lo, hi, row0, col0,
+               tiling: GmmTiling) -> None:
+    """Write rows ``[lo, hi)`` of a warpgroup's ``tile_m x tile_n`` result to
+    ``out_gmem[row0:, col0:]``, or with ``dest_gmem`` add them into ``out_gmem[dest[row]]``."""
+    if dest_gmem is None:
+        write_owned_rows(values, out_smem, out_gmem, lo, hi, row0, col0, tiling)
+    else:
+        combine_owned_rows(values, out_smem, dest_gmem, out_gmem, lo, hi, row0, col0,
+                           tile_m=tiling.tile_m, tile_n=tiling.tile_n, piece=tiling.out_tile[0])
+
+
+def launch(kernel, tiles: RowTiles, lhs: jax.Array, rhs: jax.Array, out_shape, out_dtype,
+           combine, interpret: bool) -> jax.Array | None:
+    """Run a gmm kernel: returns its output, or None when it combined into ``combine[1]``."""
+    if combine is not None:
+        platform.warp_specialized_kernel(kernel, (), interpret=False)(*tiles, lhs, rhs, *combine)
+        return None
+    out_type = jax.ShapeDtypeStruct(out_shape, out_dtype)
+    return platform.warp_specialized_kernel(kernel, out_type, interpret=interpret)(
+        *tiles, lhs, rhs)
+
+
 def check_tiles(k: int, n: int, tiling: GmmTiling, combine, interpret: bool) -> None:
     """Tiles that cover the [*, k] @ [k, n] product exactly; the combining epilogue
     (``gmm_combine_mgpu``) runs compiled, with square pieces."""
@@ -205,8 +235,6 @@ def gmm_call(
         )
 
     check_tiles(k, n, tiling, combine, interpret)
-    out_staging = (staging(tiling.out_tile[0]) if combine is not None
-                   else plgpu.SMEM((2, tiling.out_slots, *tiling.out_tile), out_dtype))
 
     def kernel(group_ref, block_ref, lo_ref, hi_ref, count_ref, live_ref,
                lhs_gmem, rhs_gmem, *out_refs):
@@ -219,7 +247,7 @@ def gmm_call(
         @functools.partial(
             pl.run_scoped,
             allocs=pipeline(ignore, ignore).get_allocations(lhs_gmem, rhs_view),
-            out_smem=out_staging,
+            out_smem=output_staging(tiling, out_dtype, combine),
             **interpret_scratch(interpret, (tm, tk), (tk, tn), lhs.dtype),
             collective_axes="wg",
         )
@@ -228,14 +256,8 @@ def gmm_call(
             live = live_ref[0]
 
             def write(values, ti, ni):
-                if combine is not None:
-                    combine_owned_rows(values, out_smem.at[wg], dest_gmem, out_gmem,
-                                       lo_ref[ti], hi_ref[ti], block_ref[ti] * tm,
-                                       ni * bn + wg * tn, tile_m=tm, tile_n=tn,
-                                       piece=tiling.out_tile[0])
-                    return
-                write_owned_rows(values, out_smem.at[wg], out_gmem, lo_ref[ti], hi_ref[ti],
-                                 block_ref[ti] * tm, ni * bn + wg * tn, tiling)
+                write_tile(values, out_smem.at[wg], out_gmem, dest_gmem, lo_ref[ti],
+                           hi_ref[ti], block_ref[ti] * tm, ni * bn + wg * tn, tiling)
 
             def matmul(ti, ni, state):
                 def compute_context(eval_pipeline):
@@ -292,9 +314,4 @@ def gmm_call(
 
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
-    if combine is not None:
-        platform.warp_specialized_kernel(kernel, (), interpret=False)(*tiles, lhs, rhs, *combine)
-        return None
-    call = platform.warp_specialized_kernel(
-        kernel, jax.ShapeDtypeStruct((m, n), out_dtype), interpret=interpret)
-    return call(*tiles, lhs, rhs)
+    return launch(kernel, tiles, lhs, rhs, (m, n), out_dtype, combine, interpret)

@@ -26,15 +26,15 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from kernels import platform
-from kernels.gmm_combine_mgpu import combine_owned_rows, staging
 from kernels.gmm_mgpu import (
     GmmTiling,
     _smem_transforms,
     check_tiles,
     interpret_scratch,
+    launch,
     mma,
-    write_owned_rows,
+    output_staging,
+    write_tile,
 )
 from kernels.schedule import RowTiles
 
@@ -122,13 +122,8 @@ def gmm_stream_call(
                 plgpu.barrier_wait(consumed.at[lax.rem(step, stages)])
 
         def write(values, ti, ni):
-            if combine is not None:
-                combine_owned_rows(values, out_smem.at[wg], dest_gmem, out_gmem, lo_ref[ti],
-                                   hi_ref[ti], block_ref[ti] * tm, ni * tile_cols + col,
-                                   tile_m=tm, tile_n=tn, piece=tiling.out_tile[0])
-                return
-            write_owned_rows(values, out_smem.at[wg], out_gmem, lo_ref[ti], hi_ref[ti],
-                             block_ref[ti] * tm, ni * tile_cols + col, tiling)
+            write_tile(values, out_smem.at[wg], out_gmem, dest_gmem, lo_ref[ti], hi_ref[ti],
+                       block_ref[ti] * tm, ni * tile_cols + col, tiling)
 
         def my_tile(j):
             return lax.rem(j, 2) == wg if pingpong else True
@@ -182,8 +177,7 @@ def gmm_stream_call(
             lambda *scoped: kernel(*refs, *scoped),
             plgpu.SMEM((stages, tm, tk), lhs.dtype, transforms=transforms),
             plgpu.SMEM((stages, *b_tile), rhs.dtype, transforms=transforms),
-            (staging(tiling.out_tile[0]) if combine is not None
-             else plgpu.SMEM((2, tiling.out_slots, *tiling.out_tile), out_dtype)),
+            output_staging(tiling, out_dtype, combine),
             plgpu.Barrier(num_barriers=owners * stages),
             plgpu.Barrier(num_barriers=owners * stages),
             plgpu.Barrier(num_arrivals=1 if pingpong else 2, num_barriers=stages),
@@ -191,9 +185,4 @@ def gmm_stream_call(
             collective_axes="wg",
         )
 
-    if combine is not None:
-        platform.warp_specialized_kernel(entry, (), interpret=False)(*tiles, lhs, rhs, *combine)
-        return None
-    call = platform.warp_specialized_kernel(
-        entry, jax.ShapeDtypeStruct((m, n), out_dtype), interpret=interpret)
-    return call(*tiles, lhs, rhs)
+    return launch(entry, tiles, lhs, rhs, (m, n), out_dtype, combine, interpret)

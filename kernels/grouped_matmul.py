@@ -134,6 +134,11 @@ def _mode(interpret: bool | None) -> str:
     return kind
 
 
+def _gmm_kernel(tiling: GmmTiling):
+    """The kernel a tiling is for: streamed (cooperative or ping-pong) or ``gmm_mgpu``'s."""
+    return gmm_stream_call if tiling.stream or tiling.pingpong else gmm_call
+
+
 def _gmm_raw(lhs, rhs, group_sizes, out_dtype, transpose_rhs: bool, mode: str,
              tiling: GmmTiling | None = None, fill_tail: bool = True) -> jax.Array:
     _check(lhs, rhs, group_sizes, transpose_rhs)
@@ -150,9 +155,9 @@ def _gmm_raw(lhs, rhs, group_sizes, out_dtype, transpose_rhs: bool, mode: str,
                                           jnp.dtype(out_dtype).itemsize)
     lhs = _pad_rows(lhs)
     tiles = schedule.row_tiles(group_sizes, lhs.shape[0], tiling.tile_m)
-    call = gmm_stream_call if tiling.stream or tiling.pingpong else gmm_call
-    out = call(lhs, rhs, tiles, out_dtype=out_dtype, tiling=tiling,
-               transpose_rhs=transpose_rhs, interpret=mode == "interpret", fill_tail=fill_tail)
+    out = _gmm_kernel(tiling)(lhs, rhs, tiles, out_dtype=out_dtype, tiling=tiling,
+                              transpose_rhs=transpose_rhs, interpret=mode == "interpret",
+                              fill_tail=fill_tail)
     return platform.vary_like(out[:m], lhs, rhs, group_sizes)
 
 
@@ -298,9 +303,8 @@ def _gmm_combine(lhs, rhs, group_sizes, dest, num_rows, mode, fill_tail, tiling=
     dest_p = jnp.pad(dest, (0, lhs_p.shape[0] - m))
     tiles = schedule.row_tiles(group_sizes, lhs_p.shape[0], tiling.tile_m)
     out = jax.new_ref(platform.vary_like(jnp.zeros((num_rows, n), jnp.float32), lhs, dest))
-    call = gmm_stream_call if tiling.stream or tiling.pingpong else gmm_call
-    call(lhs_p, rhs, tiles, out_dtype=jnp.float32, tiling=tiling, transpose_rhs=False,
-         interpret=False, combine=(dest_p, out))
+    _gmm_kernel(tiling)(lhs_p, rhs, tiles, out_dtype=jnp.float32, tiling=tiling,
+                        transpose_rhs=False, interpret=False, combine=(dest_p, out))
     return platform.vary_like(out[...], lhs, rhs, group_sizes, dest)
 
 
