@@ -1,0 +1,109 @@
+"""gmm's schedules and tilings: the streamed kernel (one ring of stages across tiles, a wgmma
+in flight; cooperative or ping-pong warpgroups) in the Mosaic GPU interpreter against float64
+NumPy and lowered for CUDA, the default tilings, and tilings that cannot cover the product.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from test_kernels import ON_GPU, f64, np_gmm, random_sizes
+
+from kernels import grouped_matmul as gm
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
+
+@pytest.mark.parametrize("pingpong,transpose,fill_tail", [
+    (True, False, True), (True, True, True), (True, False, False),
+    (False, False, True), (False, True, False),
+])
+def test_gmm_streamed_matches_numpy(pingpong, transpose, fill_tail):
+    """The streamed kernel (one ring of stages across tiles, a wgmma left in flight), with the
+    warpgroups sharing each tile or owning alternate tiles (ping-pong): forward and transposed
+    weights, tiles over group boundaries, an empty group and rows past the groups (zeros, or
+    left unwritten)."""
+    from kernels.gmm_mgpu import GmmTiling
+    from kernels.grouped_matmul import _gmm_raw, _mode
+
+    rng = np.random.default_rng()
+    m, k, g = 333, 256, 5
+    n = 192 if pingpong else 256  # three tiles (alternating warpgroups), or two
+    sizes = random_sizes(rng, m, g, empty=1, tail=40)
+    x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
+    w = jnp.asarray(rng.standard_normal((g, n, k) if transpose else (g, k, n)), jnp.bfloat16)
+    tiling = GmmTiling(tile_n=64, tile_k=64, stages=3, epi_tile=64, stream=True,
+                       pingpong=pingpong)
+    got = np.asarray(_gmm_raw(x, w, jnp.asarray(sizes), jnp.float32, transpose, _mode(None),
+                              tiling, fill_tail=fill_tail), np.float64)
+    want = np_gmm(f64(x), f64(w), sizes, transpose)
+    used = sizes.sum()
+    assert not np.isnan(got[:used]).any(), "unwritten output rows"
+    np.testing.assert_allclose(got[:used], want[:used], rtol=1e-5,
+                               atol=1e-4 * np.abs(want).max())
+    if fill_tail:
+        assert np.all(got[used:] == 0)
+    elif not ON_GPU:  # the interpreter fills unwritten output with NaN
+        assert np.isnan(got[used:]).all(), "rows past the groups were written"
+
+
+def test_gmm_and_tgmm_default_tilings():
+    """Ping-pong keeps whole 128-wide tiles per warpgroup at N = 1408, which the cooperative
+    kernel must split into 64-wide halves, with as many stages as fit; tgmm splits rows there."""
+    from kernels import platform
+
+    t = gm.gmm_tiling(2048, 1408, pingpong=True)
+    assert (t.tile_m, t.tile_n, t.pingpong) == (128, 128, True)
+    stage = (t.tile_m + t.tile_n) * t.tile_k * 2
+    staging = 2 * t.out_slots * t.out_tile[0] * t.out_tile[1] * 2
+    assert t.stages * stage + staging <= platform.SMEM_BYTES < (t.stages + 1) * stage + staging
+    assert gm.gmm_tiling(2048, 1408).tile_n == 64
+    dw = gm.tgmm_tiling(2048, 1408)  # rows split: 256 x 128 tiles instead of 128 x 128
+    assert (dw.split_k, dw.block_k, dw.block_n) == (True, 256, 128)
+    assert dw.stages == gm.tgmm_tiling(2048, 1024).stages  # same stage bytes
+    assert not gm.tgmm_tiling(2048, 1024).split_k
+    assert gm.gmm_tiling(2048, 1024, stream=True).stages == 4  # 48 KiB stages
+    # gmm's default: ping-pong at n = 1408, streamed where 22 k-steps cannot chain 4 stages
+    assert gm.default_gmm_tiling(2048, 1408).pingpong
+    assert gm.default_gmm_tiling(1408, 2048).stream
+    assert gm.default_gmm_tiling(2048, 1024).chain
+    combine = gm.gmm_tiling(2048, 1024, pingpong=True, combine=True)  # float32 64² staging
+    assert combine.stages == t.stages
+
+
+def test_tiles_that_do_not_divide_the_product_are_refused():
+    """A caller-supplied tiling that would leave columns or rows unwritten is an error."""
+    from kernels.gmm_mgpu import GmmTiling
+    from kernels.grouped_matmul import _gmm_raw, _mode, _tgmm_raw
+    from kernels.tgmm_mgpu import TgmmTiling
+
+    x, w = jnp.ones((128, 256), jnp.bfloat16), jnp.ones((2, 256, 192), jnp.bfloat16)
+    sizes = jnp.array([64, 64])
+    with pytest.raises(ValueError, match="do not divide"):
+        _gmm_raw(x, w, sizes, jnp.float32, False, _mode(None),
+                 GmmTiling(tile_n=128, stages=2, pingpong=True))
+    with pytest.raises(ValueError, match="do not divide"):
+        _tgmm_raw(x, jnp.ones((128, 192), jnp.bfloat16), sizes, jnp.float32, _mode(None),
+                  TgmmTiling(tile_k=128, tile_n=128, split_k=True, stages=2))
+
+
+@pytest.mark.parametrize("pingpong", [False, True])
+def test_streamed_kernel_lowers_for_cuda(pingpong):
+    """The compiled streamed gmm (cooperative and ping-pong), forward and transposed, is one
+    Mosaic GPU kernel each."""
+    from conftest import mosaic_gpu_calls
+
+    bf16 = jnp.bfloat16
+    m, k, n, g = 1024, 256, 384, 8
+    for transpose in (False, True):
+        tiling = gm.gmm_tiling(n if transpose else k, k if transpose else n, stream=True,
+                               pingpong=pingpong)
+
+        def forward(x, w, sizes, transpose=transpose, tiling=tiling):
+            return gm._gmm_raw(x, w, sizes, bf16, transpose, "gpu", tiling)
+
+        w_shape = (g, k, n)
+        x_shape = (m, n) if transpose else (m, k)
+        args = [jax.ShapeDtypeStruct(x_shape, bf16), jax.ShapeDtypeStruct(w_shape, bf16),
+                jax.ShapeDtypeStruct((g,), jnp.int32)]
+        assert len(mosaic_gpu_calls(forward, args)) == 1
