@@ -29,10 +29,12 @@ def parse_args(argv=None):
     p.add_argument("--passes", default="fwd,dx,dw")
     p.add_argument("--impls", default="pallas,mgpu,ragged_dot,einsum")
     p.add_argument("--iters", type=int, default=10)
-    p.add_argument("--sweep", choices=("none", "small", "pipeline", "schedule"), default="small",
+    p.add_argument("--sweep", choices=("none", "small", "pipeline", "schedule", "rows"),
+                   default="small",
                    help="tiling sweep for pallas and mgpu (none: defaults only; pipeline: our "
                         "default tiles with each pipelining option; schedule: cooperative vs "
-                        "ping-pong warpgroups; the last two report every variant side by side)")
+                        "ping-pong warpgroups; rows: row tiles from each group's start vs on "
+                        "the tile grid; the last three report every variant side by side)")
     p.add_argument("--out", default=None, help="write the rows as JSON here")
     return p.parse_args(argv)
 
@@ -52,6 +54,8 @@ def our_tilings(gm, pass_: str, k: int, n: int, sweep: str) -> list:
             return [base]
         if sweep == "schedule":  # the warpgroups split the tile's columns or its rows
             return [base, gm.tgmm_tiling(k, n, split_k=not base.split_k)]
+        if sweep == "rows":
+            return [base, dataclasses.replace(base, group_aligned=False)]
         grid = itertools.product((64, 128), (64, 128), (3, 4)) if sweep == "small" else ()
         return [base] + [dataclasses.replace(base, tile_m=tm, tile_n=tn, stages=st)
                          for tm, tn, st in grid
@@ -61,6 +65,10 @@ def our_tilings(gm, pass_: str, k: int, n: int, sweep: str) -> list:
     if sweep == "schedule":
         return [base] + [gm.gmm_tiling(contraction, width, **o)
                          for o in (dict(), dict(stream=True), dict(pingpong=True))]
+    if sweep == "rows":
+        pingpong = gm.gmm_tiling(contraction, width, pingpong=True)
+        return [base, dataclasses.replace(base, group_aligned=False), pingpong,
+                dataclasses.replace(pingpong, group_aligned=False)]
     if sweep == "pipeline":
         options = (dict(chain=False), dict(epi_tile=0), dict(epi_tile=0, chain=False))
         return [base] + [gm.gmm_tiling(contraction, width, **o) for o in options]
@@ -179,7 +187,7 @@ def bench_shape(spec: str, args) -> list[dict]:
                 if err > 2e-2:  # wrong results never count as the best config
                     print(f"  WRONG RESULT {spec} {pass_} {impl} {label}", file=sys.stderr)
                     continue
-                if args.sweep in ("pipeline", "schedule") and impl == "pallas":
+                if args.sweep in ("pipeline", "schedule", "rows") and impl == "pallas":
                     timed_variants.append({"shape": spec, "pass": pass_, "config": label,
                                            "ms": ms, "tflops": flops / ms / 1e9})
                 if best is None or ms < best[1]:

@@ -25,7 +25,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from kernels import platform
 from kernels.gmm_mgpu import GmmTiling, _smem_transforms, output_staging, write_owned_rows
-from kernels.schedule import RowTiles
+from kernels.schedule import RowTiles, first_row
 
 WARPGROUP = 128
 CHUNK_BYTES = 16  # one cp.async
@@ -139,7 +139,7 @@ def gather_gmm_call(
     transforms = _smem_transforms(tk, x.dtype)
     gather = _gather_rows_cp_async(tm, tk * x.dtype.itemsize, k * x.dtype.itemsize, transforms)
 
-    def kernel(group_ref, block_ref, lo_ref, hi_ref, count_ref, live_ref, rows_gmem, x_gmem,
+    def kernel(group_ref, row0_ref, lo_ref, hi_ref, count_ref, live_ref, rows_gmem, x_gmem,
                rhs_gmem, out_gmem, a_smem, b_smem, out_smem, gathered, b_ready, consumed):
         wg = lax.axis_index("wg")
         live = live_ref[0]
@@ -159,7 +159,7 @@ def gather_gmm_call(
             plgpu.set_max_registers(40, action="decrease")
 
             def fetch_tile(ti, ni, step0):
-                row0 = block_ref[ti] * tm
+                row0 = first_row(row0_ref, ti)
                 g = group_ref[ti]
 
                 def fetch(kk, step):
@@ -187,7 +187,7 @@ def gather_gmm_call(
 
         def write(values, ti, ni):
             write_owned_rows(values, out_smem.at[wg], out_gmem, lo_ref[ti], hi_ref[ti],
-                             block_ref[ti] * tm, ni * bn + wg * tn, tiling)
+                             first_row(row0_ref, ti), ni * bn + wg * tn, tiling)
 
         @pl.when(wg < 2)
         def _compute():

@@ -31,7 +31,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from kernels import platform
 from kernels.gmm_combine_mgpu import combine_owned_rows, staging
-from kernels.schedule import RowTiles
+from kernels.schedule import RowTiles, first_row
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,6 +48,7 @@ class GmmTiling:
     epi_tile: int = 0  # write the output in epi_tile² pieces through two slots (0: whole tile)
     stream: bool = False  # own ring across tiles, a wgmma in flight (gmm_stream_mgpu)
     pingpong: bool = False  # streamed; each warpgroup owns tile_m x tile_n tiles
+    group_aligned: bool = True  # row tiles start at their group's first row (schedule.py)
     # (grouped_matmul.gmm_tiling picks chain and 64² pieces where they fit; default_gmm_tiling
     # the schedule.)
 
@@ -236,7 +237,7 @@ def gmm_call(
 
     check_tiles(k, n, tiling, combine, interpret)
 
-    def kernel(group_ref, block_ref, lo_ref, hi_ref, count_ref, live_ref,
+    def kernel(group_ref, row0_ref, lo_ref, hi_ref, count_ref, live_ref,
                lhs_gmem, rhs_gmem, *out_refs):
         dest_gmem, out_gmem = out_refs if combine is not None else (None, out_refs[0])
         def ignore(*_, **__):
@@ -257,7 +258,7 @@ def gmm_call(
 
             def write(values, ti, ni):
                 write_tile(values, out_smem.at[wg], out_gmem, dest_gmem, lo_ref[ti],
-                           hi_ref[ti], block_ref[ti] * tm, ni * bn + wg * tn, tiling)
+                           hi_ref[ti], first_row(row0_ref, ti), ni * bn + wg * tn, tiling)
 
             def matmul(ti, ni, state):
                 def compute_context(eval_pipeline):
@@ -276,7 +277,7 @@ def gmm_call(
                 rhs_g = (rhs_gmem.at[group_ref[ti], pl.ds(ni * bn, bn)] if transpose_rhs
                          else rhs_gmem.at[group_ref[ti], :, pl.ds(ni * bn, bn)])
                 pipeline(step, compute_context, state)(
-                    lhs_gmem.at[pl.ds(block_ref[ti] * tm, tm)], rhs_g, allocations=allocs
+                    lhs_gmem.at[pl.ds(first_row(row0_ref, ti), tm)], rhs_g, allocations=allocs
                 )
 
             @plgpu.nd_loop((live * n_iters,), collective_axes="sm")

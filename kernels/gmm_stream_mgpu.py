@@ -36,7 +36,7 @@ from kernels.gmm_mgpu import (
     output_staging,
     write_tile,
 )
-from kernels.schedule import RowTiles
+from kernels.schedule import RowTiles, first_row
 
 
 def gmm_stream_call(
@@ -67,7 +67,7 @@ def gmm_stream_call(
     b_tile = (tile_cols, tk) if transpose_rhs else (tk, tile_cols)
     owners = 2 if pingpong else 1  # sets of "loaded" barriers
 
-    def kernel(group_ref, block_ref, lo_ref, hi_ref, count_ref, live_ref, lhs_gmem, rhs_gmem,
+    def kernel(group_ref, row0_ref, lo_ref, hi_ref, count_ref, live_ref, lhs_gmem, rhs_gmem,
                *refs):
         dest_gmem = refs[0] if combine is not None else None
         (out_gmem, a_smem, b_smem, out_smem, a_loaded, b_loaded, consumed,
@@ -95,7 +95,7 @@ def gmm_stream_call(
 
             def fetch_tile(j, ti, ni, step0):
                 owner = lax.rem(j, 2) if pingpong else 0
-                row0 = block_ref[ti] * tm
+                row0 = first_row(row0_ref, ti)
                 g = group_ref[ti]
 
                 @pl.loop(0, k_iters)
@@ -123,7 +123,7 @@ def gmm_stream_call(
 
         def write(values, ti, ni):
             write_tile(values, out_smem.at[wg], out_gmem, dest_gmem, lo_ref[ti], hi_ref[ti],
-                       block_ref[ti] * tm, ni * tile_cols + col, tiling)
+                       first_row(row0_ref, ti), ni * tile_cols + col, tiling)
 
         def my_tile(j):
             return lax.rem(j, 2) == wg if pingpong else True

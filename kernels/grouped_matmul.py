@@ -154,7 +154,7 @@ def _gmm_raw(lhs, rhs, group_sizes, out_dtype, transpose_rhs: bool, mode: str,
     tiling = tiling or default_gmm_tiling(lhs.shape[1], n, lhs.dtype.itemsize,
                                           jnp.dtype(out_dtype).itemsize)
     lhs = _pad_rows(lhs)
-    tiles = schedule.row_tiles(group_sizes, lhs.shape[0], tiling.tile_m)
+    tiles = schedule.row_tiles(group_sizes, lhs.shape[0], tiling.tile_m, tiling.group_aligned)
     out = _gmm_kernel(tiling)(lhs, rhs, tiles, out_dtype=out_dtype, tiling=tiling,
                               transpose_rhs=transpose_rhs, interpret=mode == "interpret",
                               fill_tail=fill_tail)
@@ -176,7 +176,8 @@ def _tgmm_raw(lhs, rhs, group_sizes, out_dtype, mode: str,
     tiling = tiling or tgmm_tiling(lhs.shape[1], rhs.shape[1], lhs.dtype.itemsize,
                                    jnp.dtype(out_dtype).itemsize)
     lhs, rhs = _pad_rows(lhs), _pad_rows(rhs)
-    blocks = schedule.group_blocks(group_sizes, lhs.shape[0], tiling.tile_m)
+    blocks = schedule.group_blocks(group_sizes, lhs.shape[0], tiling.tile_m,
+                                   tiling.group_aligned)
     out = tgmm_call(lhs, rhs, blocks, group_sizes.shape[0], out_dtype=out_dtype, tiling=tiling,
                     interpret=mode == "interpret")
     return platform.vary_like(out, lhs, rhs, group_sizes)
@@ -239,7 +240,8 @@ def _gather_gmm(x, rows, row_items, rhs, group_sizes, out_dtype, mode):
     m = rows.shape[0]
     tiling = gmm_tiling(x.shape[1], rhs.shape[2], x.dtype.itemsize, jnp.dtype(out_dtype).itemsize)
     rows_p = jnp.pad(rows, (0, -m % ROW_MULTIPLE))
-    tiles = schedule.row_tiles(group_sizes, rows_p.shape[0], tiling.tile_m)
+    tiles = schedule.row_tiles(group_sizes, rows_p.shape[0], tiling.tile_m,
+                               tiling.group_aligned)
     out = gather_gmm_call(x, rows_p, rhs, tiles, out_dtype=out_dtype, tiling=tiling)
     return platform.vary_like(out[:m], x, rows, rhs, group_sizes)
 
@@ -301,7 +303,8 @@ def _gmm_combine(lhs, rhs, group_sizes, dest, num_rows, mode, fill_tail, tiling=
     tiling = tiling or gmm_tiling(lhs.shape[1], n, lhs.dtype.itemsize, combine=True)
     lhs_p = _pad_rows(lhs)
     dest_p = jnp.pad(dest, (0, lhs_p.shape[0] - m))
-    tiles = schedule.row_tiles(group_sizes, lhs_p.shape[0], tiling.tile_m)
+    tiles = schedule.row_tiles(group_sizes, lhs_p.shape[0], tiling.tile_m,
+                               tiling.group_aligned)
     out = jax.new_ref(platform.vary_like(jnp.zeros((num_rows, n), jnp.float32), lhs, dest))
     _gmm_kernel(tiling)(lhs_p, rhs, tiles, out_dtype=jnp.float32, tiling=tiling,
                         transpose_rhs=False, interpret=False, combine=(dest_p, out))

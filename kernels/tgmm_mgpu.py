@@ -2,15 +2,15 @@
 ``out[g] = lhs[rows of g].T @ rhs[rows of g]`` for ``lhs [M, K]``, ``rhs [M, N]``.
 
 A persistent kernel over (group, K tile, N tile) with a hand-written warp-specialised pipeline.
-The memory warpgroup streams the ``tile_m``-row blocks of all of its block's tiles through one
-ring of shared-memory stages, without restarting per tile, so the next tile's first blocks
-arrive while the compute warpgroups still write the current tile's output (JAX's
-``emit_pipeline_warp_specialized`` cannot chain pipelines whose length is dynamic, and a group's
-block count is). Each compute warpgroup zeroes the rows of the operand views it multiplies
-that lie outside the group (first and last block only: a neighbouring group's rows, or rows past
-the groups, which may hold anything, NaN included; both write the same zeros into the block they
-share) and accumulates ``lhs_block.T @ rhs_block`` with wgmma in float32. Empty groups write
-zeros.
+The memory warpgroup streams the ``tile_m``-row blocks of all of its block's tiles (a group's
+blocks start at its first row: ``schedule.group_blocks``) through one ring of shared-memory
+stages, without restarting per tile, so the next tile's first blocks arrive while the compute
+warpgroups still write the current tile's output (JAX's ``emit_pipeline_warp_specialized``
+cannot chain pipelines whose length is dynamic, and a group's block count is). Each compute
+warpgroup zeroes the rows of the operand views it multiplies that are not the group's, in
+blocks that are only partly its own (a neighbouring group's rows, or rows past the groups,
+which may hold anything, NaN included; both write the same zeros into the block they share),
+and accumulates ``lhs_block.T @ rhs_block`` with wgmma in float32. Empty groups write zeros.
 
 The two compute warpgroups split a ``tile_k x 2*tile_n`` output tile by columns, sharing the
 ``lhs`` block, or with ``split_k`` a ``2*tile_k x tile_n`` tile by rows, sharing the ``rhs``
@@ -30,7 +30,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from kernels import platform
 from kernels.gmm_mgpu import _smem_transforms, interpret_scratch, mma
-from kernels.schedule import GroupBlocks
+from kernels.schedule import GroupBlocks, block_rows
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,6 +44,7 @@ class TgmmTiling:
     stages: int = 4
     grid_tile_width: int = 8
     split_k: bool = False  # the warpgroups split the tile's rows, not its columns
+    group_aligned: bool = True  # row blocks start at their group's first row (schedule.py)
 
     @property
     def block_k(self) -> int:
@@ -67,7 +68,7 @@ def tgmm_call(
     interpret: bool,
 ) -> jax.Array:
     """Run the kernel: ``lhs [M, K]``, ``rhs [M, N]`` with M a multiple of ``tile_m``."""
-    k = lhs.shape[1]
+    m, k = lhs.shape
     n = rhs.shape[1]
     tm, tk, tn = tiling.tile_m, tiling.tile_k, tiling.tile_n
     bk, bn = tiling.block_k, tiling.block_n
@@ -80,9 +81,12 @@ def tgmm_call(
     rhs_transforms = _smem_transforms(bn, rhs.dtype)
     out_transforms = _smem_transforms(tn, out_dtype)
 
-    def kernel(start_ref, end_ref, first_ref, nblocks_ref, lhs_gmem, rhs_gmem, out_gmem,
+    def kernel(start_ref, end_ref, base_ref, nblocks_ref, lhs_gmem, rhs_gmem, out_gmem,
                lhs_smem, rhs_smem, out_smem, lhs_ready, rhs_ready, consumed, scratch):
         wg = lax.axis_index("wg")
+
+        def rows_of(g, r):
+            return block_rows(base_ref[g], r, start_ref[g], end_ref[g], m, tm)
 
         def tiles(body):
             """Loop over this block's (group, K tile, N tile) with a running block count."""
@@ -101,8 +105,6 @@ def tgmm_call(
             plgpu.set_max_registers(40, action="decrease")
 
             def fetch_tile(g, ki, ni, step0):
-                row0 = first_ref[g] * tm
-
                 def fetch(r, step):
                     slot = lax.rem(step, stages)
 
@@ -110,7 +112,8 @@ def tgmm_call(
                     def _wait_free():
                         plgpu.barrier_wait(consumed.at[slot])
 
-                    rows = pl.ds(row0 + r * tm, tm)
+                    row0, _, _ = rows_of(g, r)
+                    rows = pl.ds(row0, tm)
                     plgpu.copy_gmem_to_smem(lhs_gmem.at[rows, pl.ds(ki * bk, bk)],
                                             lhs_smem.at[slot], lhs_ready.at[slot])
                     plgpu.copy_gmem_to_smem(rhs_gmem.at[rows, pl.ds(ni * bn, bn)],
@@ -131,8 +134,6 @@ def tgmm_call(
 
             def reduce_tile(g, ki, ni, step0):
                 nblocks = nblocks_ref[g]
-                row0 = first_ref[g] * tm
-                lo, hi = start_ref[g] - row0, end_ref[g] - row0
 
                 def reduce(acc):
                     def block(r, step):
@@ -144,13 +145,15 @@ def tgmm_call(
                         else:  # this warpgroup's columns of the tile
                             a, b = lhs_smem.at[slot], rhs_smem.at[slot, :, pl.ds(wg * tn, tn)]
 
-                        @pl.when((r == 0) | (r == nblocks - 1))
+                        _, lo, hi = rows_of(g, r)
+
+                        @pl.when((lo > 0) | (hi < tm))
                         def _mask():  # rows of other groups, or undefined rows past them
                             def keep(cols):
                                 row = lax.broadcasted_iota(jnp.int32, (tm, cols), 0)
                                 if not interpret:  # the interpreter has no layouts
                                     row = plgpu.layout_cast(row, plgpu.Layout.WGMMA)
-                                return (row + r * tm >= lo) & (row + r * tm < hi)
+                                return (row >= lo) & (row < hi)
 
                             # both operands (the shared one: both warpgroups write the same
                             # zeros): a NaN in one times a zeroed row of the other is NaN

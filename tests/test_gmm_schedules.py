@@ -1,17 +1,106 @@
-"""gmm's schedules and tilings: the streamed kernel (one ring of stages across tiles, a wgmma
-in flight; cooperative or ping-pong warpgroups) in the Mosaic GPU interpreter against float64
-NumPy and lowered for CUDA, the default tilings, and tilings that cannot cover the product.
+"""gmm's schedules and tilings: the row-tile schedules (tiles from each group's start or on
+the tile grid), the streamed kernel (one ring of stages across tiles, a wgmma in flight;
+cooperative or ping-pong warpgroups) in the Mosaic GPU interpreter against float64 NumPy and
+lowered for CUDA, the default tilings, and tilings that cannot cover the product.
 """
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from test_kernels import ON_GPU, f64, np_gmm, random_sizes
+from test_kernels import ON_GPU, f64, np_gmm, np_tgmm, random_sizes
 
 from kernels import grouped_matmul as gm
+from kernels import schedule
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
+
+@pytest.mark.parametrize("group_aligned", [True, False])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_row_tiles_cover_each_row_once_with_its_group(seed, group_aligned):
+    rng = np.random.default_rng(seed)
+    tile = 64
+    for _ in range(8):
+        m, g = 8 * int(rng.integers(tile // 8, 90)), int(rng.integers(1, 12))
+        sizes = random_sizes(rng, m, g, empty=min(g - 1, 2), tail=int(rng.integers(0, m)))
+        t = jax.tree.map(np.asarray, schedule.row_tiles(jnp.asarray(sizes), m, tile,
+                                                        group_aligned))
+        owner = np.full(m, -2)
+        for i in range(int(t.count[0])):
+            assert 0 <= t.row0[i] <= m - tile, "a tile reads outside the rows"
+            rows = t.row0[i] + np.arange(t.lo[i], t.hi[i])
+            assert np.all(owner[rows] == -2), "row written twice"
+            owner[rows] = t.group[i]
+        assert np.all(t.group[:t.live[0]] < g) and np.all(t.group[t.live[0]:t.count[0]] == g), \
+            "real tiles first, then the zero tiles"
+        want = np.concatenate([np.repeat(np.arange(g), sizes), np.full(m - sizes.sum(), g)])
+        np.testing.assert_array_equal(owner, want)
+        assert t.count[0] <= schedule.max_row_tiles(m, g, tile)
+        if group_aligned:  # tiles from the group's start (rounded down to 8) onwards
+            ends = np.cumsum(np.append(sizes, m - sizes.sum()))
+            spans = np.where(ends > ends - np.diff(ends, prepend=0),
+                             ends - (ends - np.diff(ends, prepend=0)) // 8 * 8, 0)
+            assert t.count[0] == np.sum(-(-spans // tile))
+
+
+@pytest.mark.parametrize("group_aligned", [True, False])
+def test_group_blocks_cover_each_group_once_inside_the_rows(group_aligned):
+    rng = np.random.default_rng(3)
+    tile = 64
+    for _ in range(8):
+        m, g = 8 * int(rng.integers(tile // 8, 90)), int(rng.integers(1, 12))
+        sizes = random_sizes(rng, m, g, empty=min(g - 1, 2), tail=int(rng.integers(0, m)))
+        b = jax.tree.map(np.asarray, schedule.group_blocks(jnp.asarray(sizes), m, tile,
+                                                           group_aligned))
+        ends = np.cumsum(sizes)
+        for gi in range(g):
+            covered = []
+            for r in range(int(b.num_blocks[gi])):
+                row0, lo, hi = (int(v) for v in schedule.block_rows(
+                    b.base[gi], r, b.start[gi], b.end[gi], m, tile))
+                assert 0 <= row0 <= m - tile and 0 <= lo < hi <= tile
+                covered.extend(row0 + np.arange(lo, hi))
+            np.testing.assert_array_equal(covered, np.arange(ends[gi] - sizes[gi], ends[gi]))
+            if group_aligned and sizes[gi]:
+                start = ends[gi] - sizes[gi]
+                assert b.num_blocks[gi] == -(-(ends[gi] - start // 8 * 8) // tile)
+
+
+def test_row_schedules_refuse_fewer_rows_than_a_tile():
+    with pytest.raises(ValueError, match="pad the rows"):
+        schedule.row_tiles(jnp.asarray([3, 2]), 40, 64)
+    with pytest.raises(ValueError, match="pad the rows"):
+        schedule.group_blocks(jnp.asarray([3, 2]), 40, 64)
+    with pytest.raises(ValueError, match="pad the rows"):
+        schedule.row_tiles(jnp.asarray([3, 2]), 130, 64)
+
+
+@pytest.mark.parametrize("group_aligned", [True, False])
+def test_tiles_moved_back_from_the_end_of_the_rows(group_aligned):
+    """The last group starts 3 rows before the end: its tile (and tgmm's block) would run past
+    the rows, so it starts tile_m rows before the end and owns only those 3 rows. gmm's
+    output and tgmm's weight gradient against float64 NumPy, interpreted."""
+    from kernels.gmm_mgpu import GmmTiling
+    from kernels.grouped_matmul import _gmm_raw, _mode, _tgmm_raw
+    from kernels.tgmm_mgpu import TgmmTiling
+
+    rng = np.random.default_rng()
+    m, k, n = 256, 128, 128
+    sizes = np.array([5, 248, 3], np.int32)
+    x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
+    w = jnp.asarray(rng.standard_normal((3, k, n)), jnp.bfloat16)
+    y = jnp.asarray(rng.standard_normal((m, n)), jnp.bfloat16)
+    tiling = GmmTiling(tile_n=64, tile_k=64, stages=2, group_aligned=group_aligned)
+    got = np.asarray(_gmm_raw(x, w, jnp.asarray(sizes), jnp.float32, False, _mode(None),
+                              tiling), np.float64)
+    want = np_gmm(f64(x), f64(w), sizes)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4 * np.abs(want).max())
+    t_tiling = TgmmTiling(tile_k=64, tile_n=64, stages=2, group_aligned=group_aligned)
+    got = np.asarray(_tgmm_raw(x, y, jnp.asarray(sizes), jnp.float32, _mode(None), t_tiling),
+                     np.float64)
+    want = np_tgmm(f64(x), f64(y), sizes)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4 * np.abs(want).max())
 
 
 @pytest.mark.parametrize("pingpong,transpose,fill_tail", [

@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 
 from kernels import grouped_matmul as gm
-from kernels import schedule
 
 ON_GPU = jax.default_backend() == "gpu"
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
@@ -45,25 +44,6 @@ def np_tgmm(x, y, sizes):
 
 def f64(a):
     return np.asarray(jnp.asarray(a, jnp.float32), np.float64)
-
-
-@pytest.mark.parametrize("seed", [0, 1, 2])
-def test_row_tiles_cover_each_row_once_with_its_group(seed):
-    rng = np.random.default_rng(seed)
-    for _ in range(8):
-        m, g, tile = int(rng.integers(1, 700)), int(rng.integers(1, 12)), 64
-        sizes = random_sizes(rng, m, g, empty=min(g - 1, 2), tail=int(rng.integers(0, m)))
-        t = jax.tree.map(np.asarray, schedule.row_tiles(jnp.asarray(sizes), m, tile))
-        owner = np.full(m, -2)
-        for i in range(int(t.count[0])):
-            rows = t.block[i] * tile + np.arange(t.lo[i], t.hi[i])
-            assert np.all(owner[rows] == -2), "row written twice"
-            owner[rows] = t.group[i]
-        assert np.all(t.group[:t.live[0]] < g) and np.all(t.group[t.live[0]:t.count[0]] == g), \
-            "real tiles first, then the zero tiles"
-        want = np.concatenate([np.repeat(np.arange(g), sizes), np.full(m - sizes.sum(), g)])
-        np.testing.assert_array_equal(owner, want)
-        assert t.count[0] <= schedule.max_row_tiles(m, g, tile)
 
 
 @pytest.mark.parametrize("dtype,transpose", [("bfloat16", False), ("float32", False),
