@@ -34,7 +34,8 @@ def parse_args(argv=None):
                    help="tiling sweep for pallas and mgpu (none: defaults only; pipeline: our "
                         "default tiles with each pipelining option; schedule: cooperative vs "
                         "ping-pong warpgroups; rows: row tiles from each group's start vs on "
-                        "the tile grid; the last three report every variant side by side)")
+                        "the tile grid, dW tiles longest first vs in group order; the last "
+                        "three report every variant side by side)")
     p.add_argument("--out", default=None, help="write the rows as JSON here")
     return p.parse_args(argv)
 
@@ -54,8 +55,9 @@ def our_tilings(gm, pass_: str, k: int, n: int, sweep: str) -> list:
             return [base]
         if sweep == "schedule":  # the warpgroups split the tile's columns or its rows
             return [base, gm.tgmm_tiling(k, n, split_k=not base.split_k)]
-        if sweep == "rows":
-            return [base, dataclasses.replace(base, group_aligned=False)]
+        if sweep == "rows":  # and longest tiles first (balance) vs group order
+            return [base, dataclasses.replace(base, balance=False),
+                    dataclasses.replace(base, balance=False, group_aligned=False)]
         grid = itertools.product((64, 128), (64, 128), (3, 4)) if sweep == "small" else ()
         return [base] + [dataclasses.replace(base, tile_m=tm, tile_n=tn, stages=st)
                          for tm, tn, st in grid

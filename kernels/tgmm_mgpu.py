@@ -2,6 +2,8 @@
 ``out[g] = lhs[rows of g].T @ rhs[rows of g]`` for ``lhs [M, K]``, ``rhs [M, N]``.
 
 A persistent kernel over (group, K tile, N tile) with a hand-written warp-specialised pipeline.
+A tile's length is its group's row-block count, so tiles are dealt to the SMs longest first, in
+a snake (``schedule.balanced_order``): in group order, skewed groups leave SMs idle at the end.
 The memory warpgroup streams the ``tile_m``-row blocks of all of its block's tiles (a group's
 blocks start at its first row: ``schedule.group_blocks``) through one ring of shared-memory
 stages, without restarting per tile, so the next tile's first blocks arrive while the compute
@@ -30,7 +32,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from kernels import platform
 from kernels.gmm_mgpu import _smem_transforms, interpret_scratch, mma
-from kernels.schedule import GroupBlocks, block_rows
+from kernels.schedule import GroupBlocks, balanced_order, block_rows
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,6 +46,7 @@ class TgmmTiling:
     stages: int = 4
     grid_tile_width: int = 8
     split_k: bool = False  # the warpgroups split the tile's rows, not its columns
+    balance: bool = True  # longest tiles first, snaked over the SMs (schedule.balanced_order)
     group_aligned: bool = True  # row blocks start at their group's first row (schedule.py)
 
     @property
@@ -81,7 +84,8 @@ def tgmm_call(
     rhs_transforms = _smem_transforms(bn, rhs.dtype)
     out_transforms = _smem_transforms(tn, out_dtype)
 
-    def kernel(start_ref, end_ref, base_ref, nblocks_ref, lhs_gmem, rhs_gmem, out_gmem,
+    def kernel(start_ref, end_ref, base_ref, nblocks_ref, order_group_ref, order_tile_ref,
+               lhs_gmem, rhs_gmem, out_gmem,
                lhs_smem, rhs_smem, out_smem, lhs_ready, rhs_ready, consumed, scratch):
         wg = lax.axis_index("wg")
 
@@ -92,12 +96,13 @@ def tgmm_call(
             """Loop over this block's (group, K tile, N tile) with a running block count."""
 
             def tile(info, carry):
+                i = info.index[0]
                 ki, ni = plgpu.planar_snake(
-                    info.index[1], (k_iters, n_iters), 1, tiling.grid_tile_width
+                    order_tile_ref[i], (k_iters, n_iters), 1, tiling.grid_tile_width
                 )
-                return body(info.index[0], ki, ni, carry)
+                return body(order_group_ref[i], ki, ni, carry)
 
-            return plgpu.nd_loop((num_groups, k_iters * n_iters), collective_axes="sm",
+            return plgpu.nd_loop((num_groups * k_iters * n_iters,), collective_axes="sm",
                                  init_carry=jnp.int32(0))(tile)
 
         @pl.when(wg == 2)
@@ -197,4 +202,11 @@ def tgmm_call(
 
     call = platform.warp_specialized_kernel(
         entry, jax.ShapeDtypeStruct((num_groups, k, n), out_dtype), interpret=interpret)
-    return call(*blocks, lhs, rhs)
+    tiles_per_group = k_iters * n_iters
+    if tiling.balance:
+        order = balanced_order(blocks.num_blocks, tiles_per_group,
+                               platform.num_sms(interpret))
+    else:  # group by group
+        step = jnp.arange(num_groups * tiles_per_group, dtype=jnp.int32)
+        order = (step // tiles_per_group, step % tiles_per_group)
+    return call(*blocks, *order, lhs, rhs)

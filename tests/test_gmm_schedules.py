@@ -76,6 +76,40 @@ def test_row_schedules_refuse_fewer_rows_than_a_tile():
         schedule.row_tiles(jnp.asarray([3, 2]), 130, 64)
 
 
+def _worst_load(groups, cost, workers):
+    """The busiest worker's load when step i runs on worker i % workers (+1: the epilogue)."""
+    load = np.zeros(workers)
+    np.add.at(load, np.arange(groups.size) % workers, cost[groups] + 1)
+    return load.max()
+
+
+@pytest.mark.parametrize("workers,tiles_per_group", [(132, 88), (7, 3), (5, 16), (1, 4)])
+def test_balanced_order_deals_every_tile_once_and_evens_the_load(workers, tiles_per_group):
+    """Every (group, tile) pair once; dealt in the kernel's stride, no worker's load exceeds
+    the average by more than one tile (skewed groups, one of them empty)."""
+    rng = np.random.default_rng()
+    cost = np.append(rng.integers(1, 200, 7) ** 2 // 50, 0).astype(np.int32)
+    order = jax.tree.map(np.asarray, schedule.balanced_order(jnp.asarray(cost),
+                                                             tiles_per_group, workers))
+    pairs = set(zip(order.group.tolist(), order.tile.tolist(), strict=True))
+    assert len(order.group) == len(pairs) == cost.size * tiles_per_group
+    total = (cost + 1).sum() * tiles_per_group
+    assert _worst_load(order.group, cost, workers) <= total / workers + cost.max() + 1
+
+
+def test_balanced_order_beats_group_order_on_skewed_groups():
+    """8 Dirichlet(2)-sized groups of 32 768 rows in 64-row blocks, 88 tiles each, on 132
+    SMs (the dW of the benchmark's 32768x2048x1408x8): group order leaves the SMs that draw
+    the large groups' tiles last by far more than one tile."""
+    p = np.random.default_rng(0).dirichlet(np.full(8, 2.0))
+    cost = np.ceil(p * 32768 / 64).astype(np.int32)
+    order = np.asarray(schedule.balanced_order(jnp.asarray(cost), 88, 132).group)
+    in_groups = np.repeat(np.arange(8), 88)
+    average = (cost + 1).sum() * 88 / 132
+    assert _worst_load(order, cost, 132) <= average + cost.max() + 1
+    assert _worst_load(in_groups, cost, 132) > 1.1 * _worst_load(order, cost, 132)
+
+
 @pytest.mark.parametrize("group_aligned", [True, False])
 def test_tiles_moved_back_from_the_end_of_the_rows(group_aligned):
     """The last group starts 3 rows before the end: its tile (and tgmm's block) would run past
@@ -96,7 +130,8 @@ def test_tiles_moved_back_from_the_end_of_the_rows(group_aligned):
                               tiling), np.float64)
     want = np_gmm(f64(x), f64(w), sizes)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4 * np.abs(want).max())
-    t_tiling = TgmmTiling(tile_k=64, tile_n=64, stages=2, group_aligned=group_aligned)
+    t_tiling = TgmmTiling(tile_k=64, tile_n=64, stages=2, group_aligned=group_aligned,
+                          balance=group_aligned)  # both tile orders
     got = np.asarray(_tgmm_raw(x, y, jnp.asarray(sizes), jnp.float32, _mode(None), t_tiling),
                      np.float64)
     want = np_tgmm(f64(x), f64(y), sizes)
