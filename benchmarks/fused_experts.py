@@ -26,6 +26,8 @@ inputs and must agree:
   <variant>@cooperative  that variant with gmm and tgmm on the cooperative column-split
                    schedule everywhere (the defaults before 2026-11-24: no ping-pong, no
                    streamed gmm, no row-split tgmm)
+  <variant>@gridrows  that variant with row tiles on the tile grid and tgmm's tiles in group
+                   order (the defaults before session 13, 2026-11-24)
 
 Times are wall-clock medians of --iters synchronised calls after two warm-ups; fwd+bwd is the
 gradient of sum(out² · cot), which needs the forward's value (before 2026-11-24 it was a loss
@@ -37,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import functools
 import itertools
 import json
@@ -49,22 +52,33 @@ SHAPES = {"olmoe": (64, 8, 2048, 1024), "qwen": (60, 4, 2048, 1408),
           "deepseek": (64, 6, 2048, 1408), "tiny": (8, 2, 64, 32)}
 
 
+PREVIOUS = ("@cooperative", "@gridrows")
+
+
 @contextlib.contextmanager
-def previous_schedules(active: bool):
-    """While active: gmm and tgmm default to the cooperative column-split schedule (the
-    defaults before 2026-11-24). Jit traces a custom_vjp's backward when the gradient is
-    traced, so a variant must be traced (called first) inside this context, forward and
-    gradient both."""
+def previous_schedules(name: str):
+    """For a variant named ``…@cooperative``: gmm and tgmm default to the cooperative
+    column-split schedule (the defaults before 2026-11-24); ``…@gridrows``: row tiles on the
+    tile grid, tgmm's tiles in group order. Jit traces a custom_vjp's backward when the
+    gradient is traced, so a variant must be traced (called first) inside this context,
+    forward and gradient both."""
     import kernels.grouped_matmul as gm
 
-    saved = gm.default_gmm_tiling, gm.tgmm_tiling
-    if active:
+    saved = gm.default_gmm_tiling, gm.gmm_tiling, gm.tgmm_tiling
+    if name.endswith("@cooperative"):
         gm.default_gmm_tiling = gm.gmm_tiling
-        gm.tgmm_tiling = functools.partial(saved[1], split_k=False)
+        gm.tgmm_tiling = functools.partial(saved[2], split_k=False)
+    if name.endswith("@gridrows"):
+        def on_grid(make):
+            return lambda *a, **kw: dataclasses.replace(make(*a, **kw), group_aligned=False)
+
+        gm.gmm_tiling = on_grid(saved[1])
+        gm.tgmm_tiling = lambda *a, **kw: dataclasses.replace(
+            saved[2](*a, **kw), group_aligned=False, balance=False)
     try:
         yield
     finally:
-        gm.default_gmm_tiling, gm.tgmm_tiling = saved
+        gm.default_gmm_tiling, gm.gmm_tiling, gm.tgmm_tiling = saved
 
 
 def parse_args(argv=None):
@@ -188,8 +202,9 @@ def bench_case(shape: str, n: int, tilings, timed, args, every_row: list) -> lis
     flops = 3 * 2 * items * d * f  # three matmuls over the (row, expert) items
 
     def separate(backend):
-        if backend.endswith("@cooperative"):  # the schedules are patched in while jit traces
-            return separate(backend[:-len("@cooperative")])
+        for suffix in PREVIOUS:  # the schedules are patched in while jit traces
+            if backend.endswith(suffix):
+                return separate(backend[:-len(suffix)])
         if backend.endswith("@xla"):
             inner = separate(backend[:-len("@xla")])
 
@@ -256,7 +271,7 @@ def bench_case(shape: str, n: int, tilings, timed, args, every_row: list) -> lis
         fwd = jax.jit(fn)
         step = jax.jit(jax.grad(functools.partial(loss, fn), argnums=(0, 1, 2)))
         try:
-            with previous_schedules(name.endswith("@cooperative")):  # traced on first calls
+            with previous_schedules(name):  # traced on first calls
                 y = np.asarray(fwd(x, slot_weight, weights), np.float32)
                 step(x, slot_weight, weights)
             fwd_ms = timed(fwd, x, slot_weight, weights)
