@@ -89,7 +89,7 @@ def default_gmm_tiling(k: int, n: int, itemsize: int = 2, out_itemsize: int = 2)
     """The schedule ``gmm`` runs by default, the fastest measured (docs/benchmarks.md): ping-pong
     where the cooperative kernel would split 128-wide columns into 64-wide halves (n an odd
     multiple of 128, e.g. 1408) and on narrow outputs (n <= 1024: half-width tiles even out the
-    last wave; H200 1.00-1.06x, H100 0.98-1.03x the cooperative kernel), the streamed
+    last wave; H200 0.99-1.06x, H100 0.98-1.04x the cooperative kernel), the streamed
     cooperative kernel where chained tiles do not fit the stage count, else the cooperative
     kernel with chained tiles."""
     if n % 128 == 0 and (n % 256 or n <= 1024):
