@@ -27,7 +27,8 @@ inputs and must agree:
                    schedule everywhere (the defaults before 2026-11-24: no ping-pong, no
                    streamed gmm, no row-split tgmm)
   <variant>@gridrows  that variant with row tiles on the tile grid and tgmm's tiles in group
-                   order (the defaults before session 13, 2026-11-24)
+                   order (as before session 13, 2026-11-24; ping-pong at N <= 1024 kept).
+                   One suffix per variant.
 
 Times are wall-clock medians of --iters synchronised calls after two warm-ups; fwd+bwd is the
 gradient of sum(out² · cot), which needs the forward's value (before 2026-11-24 it was a loss

@@ -127,7 +127,7 @@ def gather_gmm_call(
     out_dtype,
     tiling: GmmTiling,
 ) -> jax.Array:
-    """``x [T, K]``, ``rows [M]`` (M a multiple of tile_m, rows of x), ``rhs [G, K, N]``."""
+    """``x [T, K]``, ``rows [M]`` (M >= tile_m a multiple of 8, rows of x), ``rhs [G, K, N]``."""
     k = x.shape[1]
     m = rows.shape[0]
     n = rhs.shape[2]

@@ -199,7 +199,7 @@ def gmm_call(
     fill_tail: bool = True,
     combine: tuple[jax.Array, jax.Array] | None = None,
 ) -> jax.Array | None:
-    """Run the kernel: lhs [M, K] (M a multiple of tile_m), rhs [G, K, N] or [G, N, K].
+    """Run the kernel: lhs [M, K] (M >= tile_m, a multiple of 8), rhs [G, K, N] or [G, N, K].
     Rows past the last group are zeros, or left unwritten without ``fill_tail``.
 
     ``combine=(dest [M] int32, out)``: instead, add each row of a group into the float32 ref

@@ -120,8 +120,14 @@ def tgmm_tiling(k: int, n: int, itemsize: int = 2, out_itemsize: int = 2, *,
     return dataclasses.replace(t, stages=stages)
 
 
+def _row_padding(m: int) -> int:
+    """Rows to append so that the kernels' tiles fit: to a multiple of ROW_MULTIPLE, and at
+    least one tile when there are no rows."""
+    return -m % ROW_MULTIPLE if m else ROW_MULTIPLE
+
+
 def _pad_rows(x: jax.Array) -> jax.Array:
-    extra = -x.shape[0] % ROW_MULTIPLE
+    extra = _row_padding(x.shape[0])
     return jnp.pad(x, ((0, extra), (0, 0))) if extra else x
 
 
@@ -241,7 +247,7 @@ def _gather_gmm(x, rows, row_items, rhs, group_sizes, out_dtype, mode):
     _check(x, rhs, group_sizes, False)
     m = rows.shape[0]
     tiling = gmm_tiling(x.shape[1], rhs.shape[2], x.dtype.itemsize, jnp.dtype(out_dtype).itemsize)
-    rows_p = jnp.pad(rows, (0, -m % ROW_MULTIPLE))
+    rows_p = jnp.pad(rows, (0, _row_padding(m)))
     tiles = schedule.row_tiles(group_sizes, rows_p.shape[0], tiling.tile_m,
                                tiling.group_aligned)
     out = gather_gmm_call(x, rows_p, rhs, tiles, out_dtype=out_dtype, tiling=tiling)

@@ -48,7 +48,8 @@ class RowTiles(NamedTuple):
 
 def max_row_tiles(num_rows: int, num_groups: int, tile_m: int) -> int:
     """Static bound on row tiles, either alignment: every block once, plus one per group
-    boundary and the tail (``sum(ceil(s / tile_m)) < M / tile_m + G + 1`` over G + 1 groups)."""
+    boundary and the tail (a group's tiles from its start rounded down to 8 are never more
+    than the grid blocks it touches, and those total at most ``ceil(M / tile_m) + G``)."""
     return -(-num_rows // tile_m) + num_groups
 
 

@@ -70,7 +70,7 @@ def tgmm_call(
     tiling: TgmmTiling,
     interpret: bool,
 ) -> jax.Array:
-    """Run the kernel: ``lhs [M, K]``, ``rhs [M, N]`` with M a multiple of ``tile_m``."""
+    """Run the kernel: ``lhs [M, K]``, ``rhs [M, N]`` with M >= ``tile_m`` a multiple of 8."""
     m, k = lhs.shape
     n = rhs.shape[1]
     tm, tk, tn = tiling.tile_m, tiling.tile_k, tiling.tile_n
@@ -89,8 +89,10 @@ def tgmm_call(
                lhs_smem, rhs_smem, out_smem, lhs_ready, rhs_ready, consumed, scratch):
         wg = lax.axis_index("wg")
 
-        def rows_of(g, r):
-            return block_rows(base_ref[g], r, start_ref[g], end_ref[g], m, tm)
+        def group_rows(g):
+            """Block r of group g → (row read from, [lo, hi) of it that are the group's)."""
+            base, start, end = base_ref[g], start_ref[g], end_ref[g]  # loaded once per tile
+            return lambda r: block_rows(base, r, start, end, m, tm)
 
         def tiles(body):
             """Loop over this block's (group, K tile, N tile) with a running block count."""
@@ -110,6 +112,8 @@ def tgmm_call(
             plgpu.set_max_registers(40, action="decrease")
 
             def fetch_tile(g, ki, ni, step0):
+                rows_of = group_rows(g)
+
                 def fetch(r, step):
                     slot = lax.rem(step, stages)
 
@@ -117,7 +121,7 @@ def tgmm_call(
                     def _wait_free():
                         plgpu.barrier_wait(consumed.at[slot])
 
-                    row0, _, _ = rows_of(g, r)
+                    row0, _, _ = rows_of(r)
                     rows = pl.ds(row0, tm)
                     plgpu.copy_gmem_to_smem(lhs_gmem.at[rows, pl.ds(ki * bk, bk)],
                                             lhs_smem.at[slot], lhs_ready.at[slot])
@@ -139,6 +143,7 @@ def tgmm_call(
 
             def reduce_tile(g, ki, ni, step0):
                 nblocks = nblocks_ref[g]
+                rows_of = group_rows(g)
 
                 def reduce(acc):
                     def block(r, step):
@@ -150,7 +155,7 @@ def tgmm_call(
                         else:  # this warpgroup's columns of the tile
                             a, b = lhs_smem.at[slot], rhs_smem.at[slot, :, pl.ds(wg * tn, tn)]
 
-                        _, lo, hi = rows_of(g, r)
+                        _, lo, hi = rows_of(r)
 
                         @pl.when((lo > 0) | (hi < tm))
                         def _mask():  # rows of other groups, or undefined rows past them

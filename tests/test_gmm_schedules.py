@@ -29,6 +29,7 @@ def test_row_tiles_cover_each_row_once_with_its_group(seed, group_aligned):
         owner = np.full(m, -2)
         for i in range(int(t.count[0])):
             assert 0 <= t.row0[i] <= m - tile, "a tile reads outside the rows"
+            assert t.row0[i] % schedule.ROW_ALIGN == 0 and t.lo[i] < t.hi[i]
             rows = t.row0[i] + np.arange(t.lo[i], t.hi[i])
             assert np.all(owner[rows] == -2), "row written twice"
             owner[rows] = t.group[i]
@@ -112,9 +113,10 @@ def test_balanced_order_beats_group_order_on_skewed_groups():
 
 @pytest.mark.parametrize("group_aligned", [True, False])
 def test_tiles_moved_back_from_the_end_of_the_rows(group_aligned):
-    """The last group starts 3 rows before the end: its tile (and tgmm's block) would run past
-    the rows, so it starts tile_m rows before the end and owns only those 3 rows. gmm's
-    output and tgmm's weight gradient against float64 NumPy, interpreted."""
+    """The last group starts 3 rows before the end: from the group's start its tile (and
+    tgmm's block) would run past the rows, so it starts tile_m rows before the end and owns
+    only those 3 rows (on the grid it starts at row 128). gmm's output and tgmm's weight
+    gradient against float64 NumPy, interpreted, both alignments."""
     from kernels.gmm_mgpu import GmmTiling
     from kernels.grouped_matmul import _gmm_raw, _mode, _tgmm_raw
     from kernels.tgmm_mgpu import TgmmTiling
@@ -233,3 +235,13 @@ def test_streamed_kernel_lowers_for_cuda(pingpong):
         args = [jax.ShapeDtypeStruct(x_shape, bf16), jax.ShapeDtypeStruct(w_shape, bf16),
                 jax.ShapeDtypeStruct((g,), jnp.int32)]
         assert len(mosaic_gpu_calls(forward, args)) == 1
+
+
+def test_no_rows_at_all():
+    """M = 0 (every group empty): gmm returns [0, N], tgmm zero weight gradients."""
+    rng = np.random.default_rng()
+    w = jnp.asarray(rng.standard_normal((3, 128, 256)), jnp.bfloat16)
+    sizes = jnp.zeros(3, jnp.int32)
+    assert gm.gmm(jnp.zeros((0, 128), jnp.bfloat16), w, sizes).shape == (0, 256)
+    dw = gm.tgmm(jnp.zeros((0, 128), jnp.bfloat16), jnp.zeros((0, 256), jnp.bfloat16), sizes)
+    assert dw.shape == (3, 128, 256) and not np.asarray(dw, np.float32).any()
