@@ -16,14 +16,20 @@ from kernels import schedule
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
 
+def random_layouts(seed, tile: int, count: int = 8):
+    """``count`` (rows, groups, sizes): rows a multiple of 8 and at least a tile, some groups
+    empty, some rows past the groups."""
+    rng = np.random.default_rng(seed)
+    for _ in range(count):
+        m, g = 8 * int(rng.integers(tile // 8, 90)), int(rng.integers(1, 12))
+        yield m, g, random_sizes(rng, m, g, empty=min(g - 1, 2), tail=int(rng.integers(0, m)))
+
+
 @pytest.mark.parametrize("group_aligned", [True, False])
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_row_tiles_cover_each_row_once_with_its_group(seed, group_aligned):
-    rng = np.random.default_rng(seed)
     tile = 64
-    for _ in range(8):
-        m, g = 8 * int(rng.integers(tile // 8, 90)), int(rng.integers(1, 12))
-        sizes = random_sizes(rng, m, g, empty=min(g - 1, 2), tail=int(rng.integers(0, m)))
+    for m, g, sizes in random_layouts(seed, tile):
         t = jax.tree.map(np.asarray, schedule.row_tiles(jnp.asarray(sizes), m, tile,
                                                         group_aligned))
         owner = np.full(m, -2)
@@ -39,19 +45,16 @@ def test_row_tiles_cover_each_row_once_with_its_group(seed, group_aligned):
         np.testing.assert_array_equal(owner, want)
         assert t.count[0] <= schedule.max_row_tiles(m, g, tile)
         if group_aligned:  # tiles from the group's start (rounded down to 8) onwards
-            ends = np.cumsum(np.append(sizes, m - sizes.sum()))
-            spans = np.where(ends > ends - np.diff(ends, prepend=0),
-                             ends - (ends - np.diff(ends, prepend=0)) // 8 * 8, 0)
+            counts = np.append(sizes, m - sizes.sum())  # and the rows past the groups
+            ends = np.cumsum(counts)
+            spans = np.where(counts > 0, ends - (ends - counts) // 8 * 8, 0)
             assert t.count[0] == np.sum(-(-spans // tile))
 
 
 @pytest.mark.parametrize("group_aligned", [True, False])
 def test_group_blocks_cover_each_group_once_inside_the_rows(group_aligned):
-    rng = np.random.default_rng(3)
     tile = 64
-    for _ in range(8):
-        m, g = 8 * int(rng.integers(tile // 8, 90)), int(rng.integers(1, 12))
-        sizes = random_sizes(rng, m, g, empty=min(g - 1, 2), tail=int(rng.integers(0, m)))
+    for m, g, sizes in random_layouts(3, tile):
         b = jax.tree.map(np.asarray, schedule.group_blocks(jnp.asarray(sizes), m, tile,
                                                            group_aligned))
         ends = np.cumsum(sizes)
