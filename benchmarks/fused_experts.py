@@ -28,7 +28,7 @@ inputs and must agree:
                    streamed gmm, no row-split tgmm)
   <variant>@gridrows  that variant with row tiles on the tile grid and tgmm's tiles in group
                    order (as before session 13, 2026-11-24; ping-pong at N <= 1024 kept).
-                   One suffix per variant.
+                   Suffixes combine: pallas@gridrows@xla.
 
 Times are wall-clock medians of --iters synchronised calls after two warm-ups; fwd+bwd is the
 gradient of sum(out² · cot), which needs the forward's value (before 2026-11-24 it was a loss
@@ -66,10 +66,10 @@ def previous_schedules(name: str):
     import kernels.grouped_matmul as gm
 
     saved = gm.default_gmm_tiling, gm.gmm_tiling, gm.tgmm_tiling
-    if name.endswith("@cooperative"):
+    if "@cooperative" in name:
         gm.default_gmm_tiling = gm.gmm_tiling
         gm.tgmm_tiling = functools.partial(saved[2], split_k=False)
-    if name.endswith("@gridrows"):
+    if "@gridrows" in name:
         def on_grid(make):
             return lambda *a, **kw: dataclasses.replace(make(*a, **kw), group_aligned=False)
 
