@@ -57,23 +57,16 @@ def row_tiles(group_sizes: jax.Array, num_rows: int, tile_m: int,
               group_aligned: bool = True) -> RowTiles:
     """The row-tile schedule of ``group_sizes`` (a trailing zero group covers unused rows);
     ``num_rows >= tile_m``."""
-    _check_rows(num_rows, tile_m)
     sizes = group_sizes.astype(jnp.int32)
     used = jnp.minimum(jnp.sum(sizes), num_rows)
-    sizes = jnp.concatenate([sizes, (num_rows - used)[None]])
-    ends = jnp.minimum(jnp.cumsum(sizes), num_rows)
-    starts = jnp.concatenate([jnp.zeros(1, jnp.int32), ends[:-1]])
-    align = ROW_ALIGN if group_aligned else tile_m
-    base = starts // align * align  # the first tile's first row
-    tiles = jnp.where(ends > starts, (ends - base + tile_m - 1) // tile_m, 0)
-    cum = jnp.cumsum(tiles)
+    blocks = group_blocks(jnp.concatenate([sizes, (num_rows - used)[None]]), num_rows, tile_m,
+                          group_aligned)
+    cum = jnp.cumsum(blocks.num_blocks)
     n_max = max_row_tiles(num_rows, group_sizes.shape[0], tile_m)
     t = jnp.arange(n_max, dtype=jnp.int32)
-    g = jnp.minimum(jnp.searchsorted(cum, t, side="right"), sizes.shape[0] - 1).astype(jnp.int32)
-    nominal = base[g] + (t - (cum[g] - tiles[g])) * tile_m
-    row0 = jnp.minimum(nominal, num_rows - tile_m)  # a tile past the end moves back into it
-    lo = jnp.clip(jnp.maximum(starts[g], nominal) - row0, 0, tile_m)
-    hi = jnp.clip(ends[g] - row0, 0, tile_m)
+    g = jnp.minimum(jnp.searchsorted(cum, t, side="right"), sizes.shape[0]).astype(jnp.int32)
+    row0, lo, hi = block_rows(blocks.base[g], t - (cum[g] - blocks.num_blocks[g]),
+                              blocks.start[g], blocks.end[g], num_rows, tile_m)
     in_use = t < cum[-1]
     return RowTiles(
         group=g,
@@ -86,9 +79,10 @@ def row_tiles(group_sizes: jax.Array, num_rows: int, tile_m: int,
 
 
 class GroupBlocks(NamedTuple):
-    """For the transposed matmul: each group's first row, end row, the first row of its first
-    block and its block count. Block ``r`` is nominally rows ``base + r * tile_m`` onwards;
-    one that would run past row ``M`` is read ``tile_m`` rows before it (``block_rows``)."""
+    """Each group's first row, end row, the first row of its first block and its block count
+    (``tgmm`` reduces over the blocks; ``row_tiles`` lists them as row tiles). Block ``r`` is
+    nominally rows ``base + r * tile_m`` onwards; one that would run past row ``M`` is read
+    ``tile_m`` rows before it (``block_rows``)."""
 
     start: jax.Array  # [G] int32
     end: jax.Array  # [G] int32

@@ -32,7 +32,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from kernels import platform
 from kernels.gmm_mgpu import _smem_transforms, interpret_scratch, mma
-from kernels.schedule import GroupBlocks, balanced_order, block_rows
+from kernels.schedule import GroupBlocks, TileOrder, balanced_order, block_rows
 
 
 @dataclasses.dataclass(frozen=True)
@@ -213,5 +213,5 @@ def tgmm_call(
                                platform.num_sms(interpret))
     else:  # group by group
         step = jnp.arange(num_groups * tiles_per_group, dtype=jnp.int32)
-        order = (step // tiles_per_group, step % tiles_per_group)
+        order = TileOrder(step // tiles_per_group, step % tiles_per_group)
     return call(*blocks, *order, lhs, rhs)
