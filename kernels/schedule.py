@@ -131,8 +131,8 @@ def balanced_order(cost: jax.Array, tiles_per_group: int, workers: int) -> TileO
     """Every group's ``tiles_per_group`` tiles (each costing ``cost[g]``, e.g. its row blocks),
     longest first, dealt to the workers in a snake (0 … W-1, then W-1 … 0): no worker ends
     more than one tile's cost after the average. In group order instead, the workers that
-    draw the large groups' tiles of skewed groups finish last (up to 1.24× the average at the
-    benchmark's shapes, docs/benchmarks.md)."""
+    draw the large groups' tiles of skewed groups finish last (a cost model put them at up to
+    1.24× the average at the benchmark's shapes; measured: docs/benchmarks.md, session 13)."""
     num_groups = cost.shape[0]
     total = num_groups * tiles_per_group
     ranked = jnp.argsort(-cost.astype(jnp.int32), stable=True).astype(jnp.int32)
