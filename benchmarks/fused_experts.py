@@ -28,7 +28,9 @@ inputs and must agree:
                    streamed gmm, no row-split tgmm)
   <variant>@gridrows  that variant with row tiles on the tile grid and tgmm's tiles in group
                    order (as before session 13, 2026-11-24; ping-pong at N <= 1024 kept).
-                   Suffixes combine: pallas@gridrows@xla.
+  <variant>@copytrain  that variant with the rows copied into item order under
+                   differentiation (as before session 14, 2026-11-24: tgmm read the copy;
+                   now gather_tgmm gathers them). Suffixes combine: pallas@gridrows@xla.
 
 Times are wall-clock medians of --iters synchronised calls after two warm-ups; fwd+bwd is the
 gradient of sum(out² · cot), which needs the forward's value (before 2026-11-24 it was a loss
@@ -53,16 +55,17 @@ SHAPES = {"olmoe": (64, 8, 2048, 1024), "qwen": (60, 4, 2048, 1408),
           "deepseek": (64, 6, 2048, 1408), "tiny": (8, 2, 64, 32)}
 
 
-PREVIOUS = ("@cooperative", "@gridrows")
+PREVIOUS = ("@cooperative", "@gridrows", "@copytrain")
 
 
 @contextlib.contextmanager
 def previous_schedules(name: str):
     """For a variant named ``…@cooperative``: gmm and tgmm default to the cooperative
     column-split schedule (the defaults before 2026-11-24); ``…@gridrows``: row tiles on the
-    tile grid, tgmm's tiles in group order. Jit traces a custom_vjp's backward when the
-    gradient is traced, so a variant must be traced (called first) inside this context,
-    forward and gradient both."""
+    tile grid, tgmm's tiles in group order; ``…@copytrain``: the gate|up product copies the
+    rows into item order under differentiation (``gate_up_copied_in_training``). Jit traces a
+    custom_vjp's backward when the gradient is traced, so a variant must be traced (called
+    first) inside this context, forward and gradient both."""
     import kernels.grouped_matmul as gm
 
     saved = gm.default_gmm_tiling, gm.gmm_tiling, gm.tgmm_tiling
@@ -76,10 +79,38 @@ def previous_schedules(name: str):
         gm.gmm_tiling = on_grid(saved[1])
         gm.tgmm_tiling = lambda *a, **kw: dataclasses.replace(
             saved[2](*a, **kw), group_aligned=False, balance=False)
+    import occult_jax.experts as experts
+
+    saved_gate_up = experts.gate_up_items
+    if "@copytrain" in name:
+        experts.gate_up_items = gate_up_copied_in_training
     try:
         yield
     finally:
         gm.default_gmm_tiling, gm.gmm_tiling, gm.tgmm_tiling = saved
+        experts.gate_up_items = saved_gate_up
+
+
+def gate_up_copied_in_training(rows, item_row, row_items, group_sizes, w_gate_up):
+    """The gate|up product as before 2026-11-24 (session 14): read through the item index
+    when served, but under differentiation the rows copied into item order (the copy is the
+    residual tgmm reads in the backward)."""
+    import jax
+
+    from kernels.grouped_matmul import gmm
+    from kernels.occult_matmul import gather_gmm
+    from occult_jax.row_maps import expand_rows
+
+    def copied(r, w):
+        x_items = expand_rows(r, item_row, row_items, fill_empty=False)
+        return gmm(x_items, w, group_sizes, fill_tail=False)
+
+    @jax.custom_vjp
+    def product(r, w):
+        return gather_gmm(r, item_row, w, group_sizes)
+
+    product.defvjp(lambda r, w: jax.vjp(copied, r, w), lambda pullback, ct: pullback(ct))
+    return product(rows, w_gate_up)
 
 
 def parse_args(argv=None):
@@ -156,14 +187,15 @@ def main(argv=None):
         return
 
     print(f"\n{'shape':9} {'N':>2} {'C_T':>5} {'items':>8} {'impl':11} {'fwd ms':>8} "
-          f"{'fwd+bwd ms':>10} {'fwd TFLOP/s':>11} {'fused ×':>8}  config")
+          f"{'fwd+bwd ms':>10} {'fwd TFLOP/s':>11} {'temp GB':>7} {'fused ×':>8}  config")
     for r in rows:
         fused_row = next((o for o in rows if o["shape"] == r["shape"]
                           and o["devices"] == r["devices"] and o["impl"] == "fused"), None)
         speed = (f"{r['fwd_bwd_ms'] / fused_row['fwd_bwd_ms']:8.2f}" if fused_row
                  else f"{'-':>8}")
         print(f"{r['shape']:9} {r['devices']:2d} {r['ct']:5.2f} {r['items']:8d} {r['impl']:11} "
-              f"{r['fwd_ms']:8.2f} {r['fwd_bwd_ms']:10.2f} {r['fwd_tflops']:11.0f} {speed}  "
+              f"{r['fwd_ms']:8.2f} {r['fwd_bwd_ms']:10.2f} {r['fwd_tflops']:11.0f} "
+              f"{r['fwd_bwd_temp_gb'] or float('nan'):7.2f} {speed}  "
               f"{r['config']}")
     print("fused × = this row's fwd+bwd time / fused's (> 1: fused is faster)")
     if args.out:
@@ -179,7 +211,8 @@ def bench_case(shape: str, n: int, tilings, timed, args, every_row: list) -> lis
     import jax.numpy as jnp
 
     from kernels.fused_experts import fused_swiglu_combine
-    from kernels.grouped_matmul import gather_gmm, gmm
+    from kernels.grouped_matmul import gmm
+    from kernels.occult_matmul import gather_gmm
     from occult_jax.dispatch import ExpertWeights, compute_experts
     from occult_jax.experts import _pallas_swiglu_combine, grouped_swiglu, row_layout
     from occult_jax.plan import item_weights, make_expert_plan
@@ -291,7 +324,8 @@ def bench_case(shape: str, n: int, tilings, timed, args, every_row: list) -> lis
         diff = float(np.abs(y - want).max() / max(np.abs(want).max(), 1e-9))
         row = {"shape": shape, "devices": n, "ct": ct, "rows": int(x.shape[0]),
                "items": items, "impl": name, "config": label, "fwd_ms": fwd_ms,
-               "fwd_bwd_ms": bwd_ms, "fwd_tflops": flops / fwd_ms / 1e9, "rel_diff": diff}
+               "fwd_bwd_ms": bwd_ms, "fwd_tflops": flops / fwd_ms / 1e9, "rel_diff": diff,
+               "fwd_bwd_temp_gb": temp_gb(step, name, x, slot_weight, weights)}
         print(json.dumps(row), file=sys.stderr, flush=True)
         every_row.append(row)
         if diff > 2e-2:
@@ -300,6 +334,14 @@ def bench_case(shape: str, n: int, tilings, timed, args, every_row: list) -> lis
         if name not in best or bwd_ms < best[name]["fwd_bwd_ms"]:
             best[name] = row
     return list(best.values())
+
+
+def temp_gb(step, name: str, *args) -> float | None:
+    """XLA's scratch memory for one compiled fwd+bwd step (residuals included), in GB."""
+    with previous_schedules(name):
+        analysis = step.lower(*args).compile().memory_analysis()
+    temp = getattr(analysis, "temp_size_in_bytes", None)
+    return None if temp is None else temp / 1e9
 
 
 def breakdown(shape: str, n: int, tilings, timed, args) -> None:

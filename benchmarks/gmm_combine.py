@@ -75,7 +75,8 @@ def bench_case(shape: str, n: int, args) -> list[dict]:
     from fused_experts import SHAPES, receive_buffer
     from timing import median_ms
 
-    from kernels.grouped_matmul import gmm, gmm_combine, gmm_tiling
+    from kernels.grouped_matmul import gmm, gmm_tiling
+    from kernels.occult_matmul import gmm_combine
     from occult_jax.experts import row_layout
     from occult_jax.plan import item_weights, make_expert_plan
     from occult_jax.row_maps import reduce_rows

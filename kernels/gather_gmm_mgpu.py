@@ -12,7 +12,7 @@ block and write the rows their group owns.
 
 Pallas exposes neither ``cp.async`` nor raw mbarriers, so both are reached through
 ``plgpu.inline_mgpu``. The Mosaic GPU interpreter cannot run that: this kernel is GPU-only
-(``grouped_matmul.gather_gmm`` gathers with XLA and calls ``gmm`` elsewhere).
+(``occult_matmul.gather_gmm`` gathers with XLA and calls ``gmm`` elsewhere).
 """
 
 from __future__ import annotations
@@ -31,17 +31,24 @@ WARPGROUP = 128
 CHUNK_BYTES = 16  # one cp.async
 
 
-def _gather_rows_cp_async(tile_rows: int, row_bytes: int, x_row_stride: int, transforms):
-    """An inline Mosaic GPU op: the warpgroup copies ``x[rows[r], :]`` (``row_bytes`` wide) for
-    the ``tile_rows`` rows of ``rows`` into a 128B-swizzled shared tile; each thread has the
-    mbarrier at ``bar_ref`` count its arrival once its copies land
+def gather_rows_cp_async(tile_rows: int, row_bytes: int, x_row_stride: int, transforms):
+    """An inline Mosaic GPU op: the warpgroup copies ``x[rows[r], :]`` (``row_bytes`` wide, a
+    multiple of 128) for the ``tile_rows`` rows of ``rows`` into a shared tile laid out as
+    ``transforms`` (8-row x 128-byte swizzled tiles, row-major over the tile grid); each thread
+    has the mbarrier at ``bar_ref`` count its arrival once its copies land
     (``cp.async.mbarrier.arrive.noinc``: the barrier expects one arrival per thread)."""
     from jax._src.lib.mlir import ir
     from jax._src.lib.mlir.dialects import arith, llvm, memref, nvvm
     from jax.experimental.mosaic.gpu import utils
 
-    chunks = row_bytes // CHUNK_BYTES  # 8: one 128-byte swizzle row
+    swizzle_bytes = 128
+    col_tiles = row_bytes // swizzle_bytes
+    chunks = row_bytes // CHUNK_BYTES
     rows_per_pass = WARPGROUP // chunks
+    if row_bytes % swizzle_bytes or not rows_per_pass or tile_rows % rows_per_pass:
+        raise ValueError(f"cp.async gathers need rows of a multiple of {swizzle_bytes} bytes, "
+                         f"at most {WARPGROUP * CHUNK_BYTES}, and tiles of whole passes; got "
+                         f"{row_bytes}-byte rows, {tile_rows} rows")
 
     @plgpu.inline_mgpu(arg_types=(plgpu.RefType(), plgpu.RefType(), plgpu.RefType(transforms),
                                   plgpu.RefType()))
@@ -54,8 +61,8 @@ def _gather_rows_cp_async(tile_rows: int, row_bytes: int, x_row_stride: int, tra
         t = arith.remui(utils.thread_idx(), c32(WARPGROUP))
         chunk = arith.remui(t, c32(chunks))
         row_in_pass = arith.divui(t, c32(chunks))
-        # 128B swizzle: the 16-byte chunk c of row r sits at chunk c ^ (r % 8) of its row.
-        swizzled = arith.xori(chunk, arith.remui(row_in_pass, c32(8)))
+        col_tile = arith.divui(chunk, c32(8))
+        chunk_in_tile = arith.remui(chunk, c32(8))
         x_base = llvm.addrspacecast(llvm.PointerType.get(address_space=1),
                                     utils.memref_ptr(x_ref))
         tile_base = utils.memref_ptr(tile_ref)
@@ -65,8 +72,14 @@ def _gather_rows_cp_async(tile_rows: int, row_bytes: int, x_row_stride: int, tra
             src_byte = arith.addi(
                 arith.muli(arith.extui(i64, src_row), utils.c(x_row_stride, i64)),
                 arith.extui(i64, arith.muli(chunk, c32(CHUNK_BYTES))))
+            # 8-row swizzle tiles, row-major: tile (r // 8, col_tile), then row r % 8 of it;
+            # 128B swizzle: the 16-byte chunk c of row r sits at chunk c ^ (r % 8) of its row.
+            swizzled = arith.xori(chunk_in_tile, arith.remui(r, c32(8)))
+            swizzle_tile = arith.addi(arith.muli(arith.divui(r, c32(8)), c32(col_tiles)),
+                                      col_tile)
             dst_byte = arith.addi(
-                arith.muli(r, c32(chunks * CHUNK_BYTES)),
+                arith.addi(arith.muli(swizzle_tile, c32(8 * swizzle_bytes)),
+                           arith.muli(arith.remui(r, c32(8)), c32(swizzle_bytes))),
                 arith.muli(swizzled, c32(CHUNK_BYTES)))
             nvvm.cp_async_shared_global(
                 utils.getelementptr(tile_base, [dst_byte], i8),
@@ -77,7 +90,7 @@ def _gather_rows_cp_async(tile_rows: int, row_bytes: int, x_row_stride: int, tra
     return gather
 
 
-def _init_mbarriers(bars, count: int):
+def init_mbarriers(bars, count: int):
     """One thread initialises ``bars`` (pairs of uint32, one mbarrier each) to expect ``count``
     arrivals; then the whole block synchronises. Every warpgroup must call this."""
     from jax._src.lib.mlir import ir
@@ -99,7 +112,7 @@ def _init_mbarriers(bars, count: int):
     init(bars)
 
 
-def _wait_mbarrier(bar, parity):
+def wait_mbarrier(bar, parity):
     """Wait for phase ``parity`` of the mbarrier ``bar`` (two uint32), then fence the generic
     proxy writes it covered (cp.async) against the async proxy (wgmma)."""
     from jax._src.lib.mlir import ir
@@ -126,8 +139,10 @@ def gather_gmm_call(
     *,
     out_dtype,
     tiling: GmmTiling,
+    fill_tail: bool = True,
 ) -> jax.Array:
-    """``x [T, K]``, ``rows [M]`` (M >= tile_m a multiple of 8, rows of x), ``rhs [G, K, N]``."""
+    """``x [T, K]``, ``rows [M]`` (M >= tile_m a multiple of 8, rows of x), ``rhs [G, K, N]``.
+    Rows past the last group are zeros, or left unwritten without ``fill_tail``."""
     k = x.shape[1]
     m = rows.shape[0]
     n = rhs.shape[2]
@@ -137,13 +152,13 @@ def gather_gmm_call(
     n_iters, k_iters = n // bn, k // tk
     stages = tiling.stages
     transforms = _smem_transforms(tk, x.dtype)
-    gather = _gather_rows_cp_async(tm, tk * x.dtype.itemsize, k * x.dtype.itemsize, transforms)
+    gather = gather_rows_cp_async(tm, tk * x.dtype.itemsize, k * x.dtype.itemsize, transforms)
 
     def kernel(group_ref, row0_ref, lo_ref, hi_ref, count_ref, live_ref, rows_gmem, x_gmem,
                rhs_gmem, out_gmem, a_smem, b_smem, out_smem, gathered, b_ready, consumed):
         wg = lax.axis_index("wg")
         live = live_ref[0]
-        _init_mbarriers(gathered, WARPGROUP)
+        init_mbarriers(gathered, WARPGROUP)
 
         def tiles_loop(body):
             def tile(info, carry):
@@ -197,7 +212,7 @@ def gather_gmm_call(
                 def run(acc):
                     def kstep(kk, step):
                         slot = lax.rem(step, stages)
-                        _wait_mbarrier(gathered.at[pl.ds(2 * slot, 2)], lax.rem(step // stages, 2))
+                        wait_mbarrier(gathered.at[pl.ds(2 * slot, 2)], lax.rem(step // stages, 2))
                         plgpu.barrier_wait(b_ready.at[slot])
                         plgpu.wgmma(acc, a_smem.at[slot], b_smem.at[slot, :, pl.ds(wg * tn, tn)])
                         plgpu.wgmma_wait(0)
@@ -212,10 +227,11 @@ def gather_gmm_call(
 
             tiles_loop(compute_tile)
 
-            @plgpu.nd_loop(((count_ref[0] - live) * n_iters,), collective_axes="sm")
-            def _zero_tile(info):
-                ti = live + info.index[0] // n_iters
-                write(jnp.zeros((tm, tn), jnp.float32), ti, info.index[0] % n_iters)
+            if fill_tail:
+                @plgpu.nd_loop(((count_ref[0] - live) * n_iters,), collective_axes="sm")
+                def _zero_tile(info):
+                    ti = live + info.index[0] // n_iters
+                    write(jnp.zeros((tm, tn), jnp.float32), ti, info.index[0] % n_iters)
 
             plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 

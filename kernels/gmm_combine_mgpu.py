@@ -11,7 +11,7 @@ adds, at most min(k, E/N) terms per row). ``out`` must start zeroed.
 
 Pallas has no scattered-row store (Hopper's TMA cannot scatter rows), so the reductions are
 issued through ``plgpu.inline_mgpu``; the Mosaic GPU interpreter cannot run that, so this path
-is GPU-only (``grouped_matmul.gmm_combine`` falls back to ``gmm`` + a segment-sum elsewhere).
+is GPU-only (``occult_matmul.gmm_combine`` falls back to ``gmm`` + a segment-sum elsewhere).
 """
 
 from __future__ import annotations

@@ -10,9 +10,8 @@
 
 ``gmm`` is a ``jax.custom_vjp``: d lhs = gmm(d out, rhs transposed), d rhs = tgmm(lhs, d out).
 Rows past ``sum(group_sizes)`` give zero outputs and receive zero gradients (or are left
-unwritten with ``fill_tail=False``). ``gather_gmm`` is
-``gmm`` of ``x[rows]`` whose GPU kernel reads the rows through the index vector
-(``gather_gmm_mgpu``); its x gradient sums the transposed product over the items of each row.
+unwritten with ``fill_tail=False``). Occult's variants that read rows through an index or add
+products into rows are in ``occult_matmul``.
 """
 
 from __future__ import annotations
@@ -26,7 +25,6 @@ import jax.numpy as jnp
 from kernels import platform, schedule
 from kernels.gmm_mgpu import GmmTiling, gmm_call
 from kernels.gmm_stream_mgpu import gmm_stream_call
-from kernels.row_gather import gather_rows, sum_rows
 from kernels.tgmm_mgpu import TgmmTiling, tgmm_call
 
 ROW_MULTIPLE = 128  # M is padded to this (both kernels' row tiles divide it)
@@ -236,133 +234,6 @@ def tgmm(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *,
     """``out[g] = lhs[rows of g].T @ rhs[rows of g]``: lhs [M, K], rhs [M, N] → [G, K, N]."""
     out_dtype = jnp.dtype(preferred_element_type or lhs.dtype)
     return _tgmm_raw(lhs, rhs, group_sizes.astype(jnp.int32), out_dtype, _mode(interpret))
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
-def _gather_gmm(x, rows, row_items, rhs, group_sizes, out_dtype, mode):
-    if mode != "gpu" or x.dtype.itemsize != 2 or rhs.shape[1] % 64:
-        return _gmm_raw(x[rows], rhs, group_sizes, out_dtype, False, mode)
-    from kernels.gather_gmm_mgpu import gather_gmm_call
-
-    _check(x, rhs, group_sizes, False)
-    m = rows.shape[0]
-    tiling = gmm_tiling(x.shape[1], rhs.shape[2], x.dtype.itemsize, jnp.dtype(out_dtype).itemsize)
-    rows_p = jnp.pad(rows, (0, _row_padding(m)))
-    tiles = schedule.row_tiles(group_sizes, rows_p.shape[0], tiling.tile_m,
-                               tiling.group_aligned)
-    out = gather_gmm_call(x, rows_p, rhs, tiles, out_dtype=out_dtype, tiling=tiling)
-    return platform.vary_like(out[:m], x, rows, rhs, group_sizes)
-
-
-def _gather_gmm_fwd(x, rows, row_items, rhs, group_sizes, out_dtype, mode):
-    out = _gather_gmm(x, rows, row_items, rhs, group_sizes, out_dtype, mode)
-    return out, (x, rows, row_items, rhs, group_sizes)
-
-
-def _gather_gmm_bwd(out_dtype, mode, residuals, d_out):
-    x, rows, row_items, rhs, group_sizes = residuals
-    d_out = d_out.astype(x.dtype)
-    d_items = _gmm_raw(d_out, rhs, group_sizes, x.dtype, True, mode)  # zero past the groups
-    if row_items is None:
-        d_x = jnp.zeros(x.shape, jnp.float32).at[rows].add(d_items.astype(jnp.float32))
-    elif mode == "gpu":  # one pass over the used items (kernels/row_gather.py)
-        d_x = sum_rows(d_items, row_items, out_dtype=x.dtype)
-    else:  # a gather-sum over each row's items: no scatter (slow on GPU with repeats)
-        picked = jnp.take(d_items, jnp.maximum(row_items, 0), axis=0).astype(jnp.float32)
-        d_x = jnp.sum(jnp.where((row_items >= 0)[..., None], picked, 0.0), axis=1)
-    x_rows = gather_rows(x, rows) if mode == "gpu" else x[rows]
-    d_rhs = _tgmm_raw(x_rows, d_out, group_sizes, rhs.dtype, mode)
-    return d_x.astype(x.dtype), None, None, d_rhs, None
-
-
-_gather_gmm.defvjp(_gather_gmm_fwd, _gather_gmm_bwd)
-
-
-def gather_gmm(x: jax.Array, rows: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *,
-               row_items: jax.Array | None = None, preferred_element_type=None,
-               interpret: bool | None = None) -> jax.Array:
-    """``gmm(x[rows], rhs, group_sizes)`` without materialising ``x[rows]`` on GPU: x [T, K],
-    rows [M] (items sorted by group), rhs [G, K, N] → [M, N]. Rows are clamped into [0, T).
-
-    ``row_items`` [T, P] (optional): the items that read each row, -1 for none; with it, the
-    x gradient is a gather-sum over them instead of a scatter-add into ``rows``.
-    """
-    if rows.ndim != 1 or x.ndim != 2:
-        raise ValueError(f"gather_gmm wants x [T, K] and rows [M]; got {x.shape}, {rows.shape}")
-    if row_items is not None and (row_items.ndim != 2 or row_items.shape[0] != x.shape[0]):
-        raise ValueError(f"gather_gmm: row_items must be [T, P] with T={x.shape[0]}; got "
-                         f"{row_items.shape}")
-    out_dtype = jnp.dtype(preferred_element_type or x.dtype)
-    rows = jnp.clip(rows.astype(jnp.int32), 0, x.shape[0] - 1)  # a bad index never reads wild
-    rhs = platform.vary_like(rhs, x)
-    return _gather_gmm(x, rows, row_items, rhs, group_sizes.astype(jnp.int32), out_dtype,
-                       _mode(interpret))
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
-def _gmm_combine(lhs, rhs, group_sizes, dest, num_rows, mode, fill_tail, tiling=None):
-    _check(lhs, rhs, group_sizes, False)
-    m, n = lhs.shape[0], rhs.shape[2]
-    if mode != "gpu" or lhs.dtype.itemsize != 2:  # gmm, then a segment-sum of the used rows
-        items = _gmm_raw(lhs, rhs, group_sizes, jnp.float32, False, mode)  # zero past groups
-        used = jnp.arange(m) < jnp.sum(group_sizes)
-        return jax.ops.segment_sum(jnp.where(used[:, None], items, 0.0),
-                                   jnp.where(used, dest, num_rows), num_segments=num_rows)
-    tiling = tiling or gmm_tiling(lhs.shape[1], n, lhs.dtype.itemsize, combine=True)
-    lhs_p = _pad_rows(lhs)
-    dest_p = jnp.pad(dest, (0, lhs_p.shape[0] - m))
-    tiles = schedule.row_tiles(group_sizes, lhs_p.shape[0], tiling.tile_m,
-                               tiling.group_aligned)
-    out = jax.new_ref(platform.vary_like(jnp.zeros((num_rows, n), jnp.float32), lhs, dest))
-    _gmm_kernel(tiling)(lhs_p, rhs, tiles, out_dtype=jnp.float32, tiling=tiling,
-                        transpose_rhs=False, interpret=False, combine=(dest_p, out))
-    return platform.vary_like(out[...], lhs, rhs, group_sizes, dest)
-
-
-def _gmm_combine_fwd(lhs, rhs, group_sizes, dest, num_rows, mode, fill_tail, tiling):
-    out = _gmm_combine(lhs, rhs, group_sizes, dest, num_rows, mode, fill_tail, tiling)
-    return out, (lhs, rhs, group_sizes, dest)
-
-
-def _gmm_combine_bwd(num_rows, mode, fill_tail, tiling, residuals, d_out):
-    lhs, rhs, group_sizes, dest = residuals
-    d_out = d_out.astype(lhs.dtype)
-    used = jnp.arange(dest.shape[0]) < jnp.sum(group_sizes)
-    if mode == "gpu":  # rows past the groups: never read below (gmm / tgmm mask them)
-        d_items = gather_rows(d_out, jnp.where(used, dest, -1), fill_empty=fill_tail)
-    else:
-        d_items = jnp.where(used[:, None], d_out[dest], 0).astype(lhs.dtype)
-    d_lhs = _gmm_raw(d_items, rhs, group_sizes, lhs.dtype, True, mode, fill_tail=fill_tail)
-    d_rhs = _tgmm_raw(lhs, d_items, group_sizes, rhs.dtype, mode)
-    return d_lhs, d_rhs, None, None
-
-
-_gmm_combine.defvjp(_gmm_combine_fwd, _gmm_combine_bwd)
-
-
-def gmm_combine(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, dest: jax.Array,
-                num_rows: int, *, interpret: bool | None = None,
-                fill_tail: bool = True, tiling: GmmTiling | None = None) -> jax.Array:
-    """``out[r] = Σ_{i in a group, dest[i] = r} lhs[i] @ rhs[g(i)]`` in float32: lhs [M, K] rows
-    grouped by expert, dest [M] (clamped into [0, num_rows)) → [num_rows, N] float32.
-
-    Occult's expert-side pre-combine in the last expert matmul's epilogue: on Hopper GPUs the
-    kernel adds each product row into its destination row (``gmm_combine_mgpu``; the order in
-    which a row's items are added is not fixed), so the item-order product is never stored.
-    Elsewhere (and for float32 operands): ``gmm`` and a segment-sum. Gradients: d lhs is the
-    transposed ``gmm`` of ``d_out[dest]``, d rhs ``tgmm``; with ``fill_tail=False`` d lhs is
-    undefined past the groups (as for ``gmm``). ``tiling``: the kernel's tiles and schedule
-    (``gmm_tiling(..., combine=True)``; benchmarks compare schedules with it).
-    """
-    if dest.shape != lhs.shape[:1]:
-        raise ValueError(f"gmm_combine: dest must be [{lhs.shape[0]}] (one row per lhs row); "
-                         f"got {dest.shape}")
-    if num_rows < 1:
-        raise ValueError(f"gmm_combine: num_rows must be positive; got {num_rows}")
-    dest = jnp.clip(dest.astype(jnp.int32), 0, num_rows - 1)  # a bad index never writes wild
-    rhs = platform.vary_like(rhs, lhs)
-    return _gmm_combine(lhs, rhs, group_sizes.astype(jnp.int32), dest, num_rows,
-                        _mode(interpret), fill_tail, tiling)
 
 
 def flops(m: int, k: int, n: int) -> int:

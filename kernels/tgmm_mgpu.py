@@ -18,6 +18,10 @@ The two compute warpgroups split a ``tile_k x 2*tile_n`` output tile by columns,
 ``lhs`` block, or with ``split_k`` a ``2*tile_k x tile_n`` tile by rows, sharing the ``rhs``
 block: an output width that is an odd multiple of 128 (1408) gets 128-wide tiles that way
 instead of 64-wide halves.
+
+Either operand can instead be read through an index vector (``x[rows]``, the rows of Occult's
+receive buffer that the items use): the memory warpgroup then gathers its blocks with
+``cp.async`` as ``gather_gmm_mgpu`` does, and no item-order copy is materialised (GPU only).
 """
 
 from __future__ import annotations
@@ -31,6 +35,12 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from kernels import platform
+from kernels.gather_gmm_mgpu import (
+    WARPGROUP,
+    gather_rows_cp_async,
+    init_mbarriers,
+    wait_mbarrier,
+)
 from kernels.gmm_mgpu import _smem_transforms, interpret_scratch, mma
 from kernels.schedule import GroupBlocks, TileOrder, balanced_order, block_rows
 
@@ -69,9 +79,19 @@ def tgmm_call(
     out_dtype,
     tiling: TgmmTiling,
     interpret: bool,
+    lhs_rows: jax.Array | None = None,
+    rhs_rows: jax.Array | None = None,
 ) -> jax.Array:
-    """Run the kernel: ``lhs [M, K]``, ``rhs [M, N]`` with M >= ``tile_m`` a multiple of 8."""
-    m, k = lhs.shape
+    """Run the kernel: ``lhs [M, K]``, ``rhs [M, N]`` with M >= ``tile_m`` a multiple of 8.
+
+    ``lhs_rows`` / ``rhs_rows`` [M] (GPU only): that operand is instead ``x [T, *]`` read as
+    ``x[rows]``, gathered into shared memory by ``cp.async`` (``gather_gmm_mgpu``); every
+    index must lie in ``[0, T)``."""
+    gathered = {"lhs": lhs_rows is not None, "rhs": rhs_rows is not None}
+    if any(gathered.values()) and interpret:
+        raise ValueError("tgmm with gathered rows runs compiled only (inline cp.async)")
+    m = (lhs_rows if gathered["lhs"] else rhs_rows if gathered["rhs"] else lhs).shape[0]
+    k = lhs.shape[1]
     n = rhs.shape[1]
     tm, tk, tn = tiling.tile_m, tiling.tile_k, tiling.tile_n
     bk, bn = tiling.block_k, tiling.block_n
@@ -84,10 +104,32 @@ def tgmm_call(
     rhs_transforms = _smem_transforms(bn, rhs.dtype)
     out_transforms = _smem_transforms(tn, out_dtype)
 
+    gather_lhs = gather_rows_cp_async(tm, bk * lhs.dtype.itemsize, k * lhs.dtype.itemsize,
+                                      lhs_transforms) if gathered["lhs"] else None
+    gather_rhs = gather_rows_cp_async(tm, bn * rhs.dtype.itemsize, n * rhs.dtype.itemsize,
+                                      rhs_transforms) if gathered["rhs"] else None
+
+    def load(src_gmem, rows_gmem, cols, smem, ready, gather, rows, slot):
+        """One operand's block into stage ``slot``: by TMA, or gathered through its rows."""
+        if gather is not None:
+            gather(rows_gmem.at[rows], src_gmem.at[:, cols], smem.at[slot],
+                   ready.at[pl.ds(2 * slot, 2)])
+        else:
+            plgpu.copy_gmem_to_smem(src_gmem.at[rows, cols], smem.at[slot], ready.at[slot])
+
+    def wait_loaded(ready, gather, slot, step):
+        if gather is not None:  # phase step // stages of the slot's cp.async mbarrier
+            wait_mbarrier(ready.at[pl.ds(2 * slot, 2)], lax.rem(step // stages, 2))
+        else:
+            plgpu.barrier_wait(ready.at[slot])
+
     def kernel(start_ref, end_ref, base_ref, nblocks_ref, order_group_ref, order_tile_ref,
-               lhs_gmem, rhs_gmem, out_gmem,
+               lhs_rows_gmem, rhs_rows_gmem, lhs_gmem, rhs_gmem, out_gmem,
                lhs_smem, rhs_smem, out_smem, lhs_ready, rhs_ready, consumed, scratch):
         wg = lax.axis_index("wg")
+        for operand, ready in (("lhs", lhs_ready), ("rhs", rhs_ready)):
+            if gathered[operand]:  # every warpgroup takes part
+                init_mbarriers(ready, WARPGROUP)
 
         def group_rows(g):
             """Block r of group g → (row read from, [lo, hi) of it that are the group's)."""
@@ -123,10 +165,13 @@ def tgmm_call(
 
                     row0, _, _ = rows_of(r)
                     rows = pl.ds(row0, tm)
-                    plgpu.copy_gmem_to_smem(lhs_gmem.at[rows, pl.ds(ki * bk, bk)],
-                                            lhs_smem.at[slot], lhs_ready.at[slot])
-                    plgpu.copy_gmem_to_smem(rhs_gmem.at[rows, pl.ds(ni * bn, bn)],
-                                            rhs_smem.at[slot], rhs_ready.at[slot])
+                    operands = [(lhs_gmem, lhs_rows_gmem, pl.ds(ki * bk, bk), lhs_smem,
+                                 lhs_ready, gather_lhs),
+                                (rhs_gmem, rhs_rows_gmem, pl.ds(ni * bn, bn), rhs_smem,
+                                 rhs_ready, gather_rhs)]
+                    # TMA copies first: a gather waits for its index loads before it can issue
+                    for operand in sorted(operands, key=lambda o: o[-1] is not None):
+                        load(*operand, rows, slot)
                     return step + 1
 
                 return lax.fori_loop(0, nblocks_ref[g], fetch, step0)
@@ -148,8 +193,8 @@ def tgmm_call(
                 def reduce(acc):
                     def block(r, step):
                         slot = lax.rem(step, stages)
-                        plgpu.barrier_wait(lhs_ready.at[slot])
-                        plgpu.barrier_wait(rhs_ready.at[slot])
+                        wait_loaded(lhs_ready, gather_lhs, slot, step)
+                        wait_loaded(rhs_ready, gather_rhs, slot, step)
                         if tiling.split_k:  # this warpgroup's rows of the tile
                             a, b = lhs_smem.at[slot, :, pl.ds(wg * tk, tk)], rhs_smem.at[slot]
                         else:  # this warpgroup's columns of the tile
@@ -198,8 +243,8 @@ def tgmm_call(
             plgpu.SMEM((stages, tm, bk), lhs.dtype, transforms=lhs_transforms),
             plgpu.SMEM((stages, tm, bn), rhs.dtype, transforms=rhs_transforms),
             plgpu.SMEM((2, tk, tn), out_dtype, transforms=out_transforms),
-            plgpu.Barrier(num_barriers=stages),
-            plgpu.Barrier(num_barriers=stages),
+            *(plgpu.SMEM((2 * stages,), jnp.uint32) if gathered[operand]  # raw mbarriers
+              else plgpu.Barrier(num_barriers=stages) for operand in ("lhs", "rhs")),
             plgpu.Barrier(num_arrivals=2, num_barriers=stages),
             interpret_scratch(interpret, (tk, tm), (tm, tn), lhs.dtype)["scratch"],
             collective_axes="wg",
@@ -214,4 +259,6 @@ def tgmm_call(
     else:  # group by group
         step = jnp.arange(num_groups * tiles_per_group, dtype=jnp.int32)
         order = TileOrder(step // tiles_per_group, step % tiles_per_group)
-    return call(*blocks, *order, lhs, rhs)
+    no_rows = jnp.zeros((1,), jnp.int32)  # a placeholder where an operand is not gathered
+    return call(*blocks, *order, no_rows if lhs_rows is None else lhs_rows,
+                no_rows if rhs_rows is None else rhs_rows, lhs, rhs)

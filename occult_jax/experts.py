@@ -106,8 +106,7 @@ def swiglu_combine(rows: jax.Array, items: ExpertPlan, item_weight: jax.Array,
 
     "fused": one set of kernels reads the rows through the plan and pre-combines in float32
     (kernels/fused_experts.py). Otherwise: copy rows into item order, grouped SwiGLU, weighted
-    gather-sum — except that "pallas" reads the rows through the plan when not differentiated
-    (``gate_up_items``).
+    gather-sum — except that "pallas" reads the rows through the plan (``gate_up_items``).
     """
     if backend == "fused":
         from kernels.fused_experts import fused_swiglu_combine
@@ -143,7 +142,8 @@ def _pallas_swiglu_combine(rows, items: ExpertPlan, item_weight, w_gate, w_up, w
     again), and tgmm masks rows outside each group. So the tail of the item arrays is left
     unwritten (``fill_tail`` / ``fill_empty``), forward and backward, instead of zero-filled."""
     from kernels import swiglu as swiglu_kernel
-    from kernels.grouped_matmul import gmm, gmm_combine
+    from kernels.grouped_matmul import gmm
+    from kernels.occult_matmul import gmm_combine
 
     if precombine not in PRECOMBINES:
         raise ValueError(f"unknown precombine {precombine!r}; use one of {PRECOMBINES}")
@@ -165,39 +165,18 @@ def _pallas_swiglu_combine(rows, items: ExpertPlan, item_weight, w_gate, w_up, w
     return out.astype(rows.dtype)
 
 
-@jax.custom_vjp
 def gate_up_items(rows, item_row, row_items, group_sizes, w_gate_up):
     """The gate|up product [M, 2f] of every item's row (w_gate_up [G, d, 2f]: gate columns,
-    then up columns), on the Pallas kernels.
+    then up columns), on the Pallas kernels, reading the rows through ``item_row``
+    (``gather_gmm``), forward and backward: no item-order copy of the rows is made (the
+    weight gradient gathers them inside ``gather_tgmm``, the row gradient sums each row's
+    items). Outputs past the items are left undefined (nothing reads them).
 
-    Not differentiated (serving), the rows are read through ``item_row`` by ``gather_gmm``,
-    with no item-order copy (session 9, H200: 1.07–1.20× faster expert compute with gate and
-    up as two gathered products; as one, 0.96× / 1.04× of that at OLMoE / DeepSeek shapes). Under
-    differentiation the rows are copied into item order first, because that path's backward is
-    cheaper today (docs/benchmarks.md). One product on concatenated weights, not two: the
-    backward then has one item gradient to sum into the rows, not two to add first (a 1.5 ms
-    pass over the padded item buffer at the OLMoE shape on an H200).
+    One product on concatenated weights, not two: the backward then has one item gradient to
+    sum into the rows, not two to add first (a 1.5 ms pass over the padded item buffer at the
+    OLMoE shape on an H200).
     """
-    from kernels.grouped_matmul import gather_gmm
+    from kernels.occult_matmul import gather_gmm
 
-    return gather_gmm(rows, item_row, w_gate_up, group_sizes)
-
-
-def _gate_up_copied(rows, item_row, row_items, group_sizes, w_gate_up):
-    from kernels.grouped_matmul import gmm
-
-    x_items = expand_rows(rows, item_row, row_items, fill_empty=False)
-    return gmm(x_items, w_gate_up, group_sizes, fill_tail=False)
-
-
-def _gate_up_fwd(rows, item_row, row_items, group_sizes, w_gate_up):
-    return jax.vjp(lambda r, w: _gate_up_copied(r, item_row, row_items, group_sizes, w),
-                   rows, w_gate_up)
-
-
-def _gate_up_bwd(pullback, cotangent):
-    d_rows, d_w = pullback(cotangent)
-    return d_rows, None, None, None, d_w
-
-
-gate_up_items.defvjp(_gate_up_fwd, _gate_up_bwd)
+    return gather_gmm(rows, item_row, w_gate_up, group_sizes, row_items=row_items,
+                      fill_tail=False)

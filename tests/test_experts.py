@@ -136,11 +136,13 @@ def test_auto_backend_choice(monkeypatch, platform, hopper, dtype, widths, want)
     assert experts_lib.resolve_backend("einsum", *widths, dtype) == "einsum"
 
 
-def test_pallas_gate_up_reads_rows_through_the_plan_unless_differentiated(monkeypatch):
-    """Serving reads rows through the item index (gather_gmm); under differentiation the rows
-    are copied into item order. Both give the same values; gradients match jax.grad of the
-    copied formulation with ragged_dot."""
-    from kernels import grouped_matmul as gm
+def test_pallas_gate_up_reads_rows_through_the_plan_forward_and_backward(monkeypatch):
+    """The gate|up product reads the rows through the item index (gather_gmm), and its weight
+    gradient gathers them again inside gather_tgmm: no item-order copy of the rows, served or
+    differentiated. Values and gradients match jax.grad of the copied formulation with
+    ragged_dot."""
+    from kernels import occult_matmul as om
+    from occult_jax import experts as experts_lib
     from occult_jax.experts import gate_up_items
 
     rng = np.random.default_rng()
@@ -150,11 +152,14 @@ def test_pallas_gate_up_reads_rows_through_the_plan_unless_differentiated(monkey
     rows = jnp.asarray(rng.standard_normal((rows_n, d)), jnp.float32)
     w = jnp.asarray(rng.standard_normal((experts, d, 2 * f)) / np.sqrt(d), jnp.float32)
     calls = []
-    real = gm.gather_gmm
-    monkeypatch.setattr(gm, "gather_gmm", lambda *a, **k: calls.append(1) or real(*a, **k))
+    for name in ("gather_gmm", "_gather_tgmm_raw"):
+        real = getattr(om, name)
+        monkeypatch.setattr(om, name, lambda *a, real=real, name=name, **k:
+                            calls.append(name) or real(*a, **k))
+    monkeypatch.setattr(experts_lib, "expand_rows", None)  # a copy would fail
     args = (plan.item_row, plan.row_items, plan.group_sizes)
     served = gate_up_items(rows, *args, w)
-    assert len(calls) == 1
+    assert calls == ["gather_gmm"]
 
     def ref(r, w):
         x_items = jnp.take(r, jnp.maximum(plan.item_row, 0), axis=0)
@@ -166,7 +171,7 @@ def test_pallas_gate_up_reads_rows_through_the_plan_unless_differentiated(monkey
         return lambda *p: jnp.sum(fn(*p) * cot)
 
     grads = jax.grad(loss(lambda r, w: gate_up_items(r, *args, w)), (0, 1))(rows, w)
-    assert len(calls) == 1, "the differentiated path must not gather through the kernel"
+    assert calls == ["gather_gmm", "gather_gmm", "_gather_tgmm_raw"]
     want = ref(rows, w)
     used = np.arange(plan.item_row.shape[0]) < int(plan.group_sizes.sum())
     np.testing.assert_allclose(np.asarray(served)[used], np.asarray(want)[used], rtol=1e-4,

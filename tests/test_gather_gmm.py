@@ -7,6 +7,8 @@ checked to lower for CUDA. Routings: random, every item reading one row, one gro
 items, empty groups, and items past the last group.
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -14,6 +16,7 @@ import pytest
 from test_kernels import f64, np_gmm, np_tgmm, random_sizes
 
 from kernels import grouped_matmul as gm
+from kernels import occult_matmul as om
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 ON_GPU = jax.default_backend() == "gpu"
@@ -59,7 +62,7 @@ def test_gather_gmm_values_and_gradients(kind, inverse):
     row_items = jnp.asarray(items_of_rows(rows, sizes, t)) if inverse else None
 
     def loss(x, w):
-        out = gm.gather_gmm(x, jnp.asarray(rows), w, jnp.asarray(sizes), row_items=row_items,
+        out = om.gather_gmm(x, jnp.asarray(rows), w, jnp.asarray(sizes), row_items=row_items,
                             preferred_element_type=jnp.float32)
         return jnp.sum(out * cot), out
 
@@ -88,7 +91,7 @@ def test_gather_gmm_lowers_for_cuda():
     t, m, k, n, g = 512, 1000, 256, 512, 8
 
     def forward(x, rows, w, sizes):
-        return gm._gather_gmm(x, rows, None, w, sizes, x.dtype, "gpu")
+        return om._gather_gmm(x, rows, None, w, sizes, x.dtype, "gpu", True)
 
     def loss(x, rows, w, sizes):
         return jnp.sum(forward(x, rows, w, sizes).astype(jnp.float32))
@@ -96,12 +99,62 @@ def test_gather_gmm_lowers_for_cuda():
     args = [jax.ShapeDtypeStruct((t, k), bf16), jax.ShapeDtypeStruct((m,), jnp.int32),
             jax.ShapeDtypeStruct((g, k, n), bf16), jax.ShapeDtypeStruct((g,), jnp.int32)]
     for fn, kernels in [(forward, 1), (jax.grad(loss, argnums=(0, 2)), 2)]:
-        # (on a GPU the backward's row gather is a Triton kernel: kernels/row_gather.py)
         calls = mosaic_gpu_calls(fn, args, triton=True)
         assert len(calls) == kernels, calls
+
+
+@pytest.mark.parametrize("kind", ["random", "one_row", "one_group"])
+def test_gather_tgmm_against_numpy(kind):
+    """``gather_tgmm(x, rows, dy)`` = tgmm of ``x[rows]``: per-group ``x[rows].T @ dy`` over
+    each group's items, zeros for empty groups; items past the groups hold NaN in dy and must
+    not reach any group (the kernel masks them)."""
+    rng = np.random.default_rng()
+    t, m, k, n, g = (4096, 20000, 512, 1024, 12) if ON_GPU else (96, 300, 128, 256, 5)
+    rows, sizes = routing(rng, kind, t, m, g)
+    x = jnp.asarray(rng.standard_normal((t, k)), jnp.bfloat16)
+    dy = rng.standard_normal((m, n))
+    dy[sizes.sum():] = np.nan
+    dy = jnp.asarray(dy, jnp.bfloat16)
+    got = om.gather_tgmm(x, jnp.asarray(rows), dy, jnp.asarray(sizes),
+                         preferred_element_type=jnp.float32)
+    used = np.arange(m) < sizes.sum()
+    want = np_tgmm(f64(x)[rows], np.where(used[:, None], f64(dy), 0.0), sizes)
+    got = np.asarray(got, np.float64)
+    assert got.shape == (g, k, n)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+
+
+def test_gather_tgmm_lowers_for_cuda():
+    """Both gathered operands of the tgmm kernel (cp.async blocks 256 and 512 bytes wide) and
+    the public op lower for CUDA on any machine, one Mosaic GPU kernel each."""
+    from conftest import mosaic_gpu_calls
+
+    from kernels import schedule, tgmm_mgpu
+
+    bf16 = jnp.bfloat16
+    t, m, k, n, g = 512, 1024, 256, 512, 8
+    tiling = gm.tgmm_tiling(k, n)
+
+    def gathered(x, rows, y, sizes, operand):
+        blocks = schedule.group_blocks(sizes, m, tiling.tile_m)
+        lhs, rhs = (x, y) if operand == "lhs" else (y, x)
+        return tgmm_mgpu.tgmm_call(lhs, rhs, blocks, g, out_dtype=bf16, tiling=tiling,
+                                   interpret=False, **{f"{operand}_rows": rows})
+
+    def public(x, rows, y, sizes):
+        return om._gather_tgmm_raw(x, rows, y, sizes, bf16, "gpu")
+
+    for operand, (x_width, y_width) in [("lhs", (k, n)), ("rhs", (n, k))]:
+        args = [jax.ShapeDtypeStruct((t, x_width), bf16), jax.ShapeDtypeStruct((m,), jnp.int32),
+                jax.ShapeDtypeStruct((m, y_width), bf16), jax.ShapeDtypeStruct((g,), jnp.int32)]
+        fn = functools.partial(gathered, operand=operand)
+        assert len(mosaic_gpu_calls(fn, args)) == 1
+    args = [jax.ShapeDtypeStruct((t, k), bf16), jax.ShapeDtypeStruct((m,), jnp.int32),
+            jax.ShapeDtypeStruct((m, n), bf16), jax.ShapeDtypeStruct((g,), jnp.int32)]
+    assert len(mosaic_gpu_calls(public, args)) == 1
 
 
 def test_gather_gmm_bad_shapes_are_one_line_errors():
     x, w = jnp.ones((8, 128), jnp.bfloat16), jnp.ones((2, 128, 256), jnp.bfloat16)
     with pytest.raises(ValueError, match="rows \\[M\\]"):
-        gm.gather_gmm(x, jnp.zeros((4, 2), jnp.int32), w, jnp.array([2, 2]))
+        om.gather_gmm(x, jnp.zeros((4, 2), jnp.int32), w, jnp.array([2, 2]))

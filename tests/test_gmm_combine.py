@@ -15,6 +15,7 @@ import pytest
 from test_kernels import f64, np_gmm, np_tgmm, random_sizes
 
 from kernels import grouped_matmul as gm
+from kernels import occult_matmul as om
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 ON_GPU = jax.default_backend() == "gpu"
@@ -56,7 +57,7 @@ def test_gmm_combine_values_and_gradients(kind, fill_tail, pingpong):
     cot = jnp.asarray(rng.standard_normal((r, n)), jnp.float32)
 
     def loss(x, w):
-        out = gm.gmm_combine(x, w, jnp.asarray(sizes), jnp.asarray(dest), r, fill_tail=fill_tail,
+        out = om.gmm_combine(x, w, jnp.asarray(sizes), jnp.asarray(dest), r, fill_tail=fill_tail,
                              tiling=tiling)
         return jnp.sum(out * cot), out
 
@@ -90,7 +91,7 @@ def test_gmm_combine_lowers_for_cuda():
     r, m, k, n, g = 512, 1000, 256, 512, 8
 
     def forward(x, dest, w, sizes):
-        return gm._gmm_combine(x, w, sizes, dest, r, "gpu", False)
+        return om._gmm_combine(x, w, sizes, dest, r, "gpu", False)
 
     def loss(x, dest, w, sizes):
         return jnp.sum(forward(x, dest, w, sizes))
@@ -102,7 +103,7 @@ def test_gmm_combine_lowers_for_cuda():
         assert len(calls) == kernels, calls
     pingpong = gm.gmm_tiling(k, n, combine=True, pingpong=True)
     calls = mosaic_gpu_calls(
-        lambda x, dest, w, sizes: gm._gmm_combine(x, w, sizes, dest, r, "gpu", False, pingpong),
+        lambda x, dest, w, sizes: om._gmm_combine(x, w, sizes, dest, r, "gpu", False, pingpong),
         args)
     assert len(calls) == 1, calls
 
@@ -110,6 +111,6 @@ def test_gmm_combine_lowers_for_cuda():
 def test_gmm_combine_bad_arguments_are_one_line_errors():
     x, w = jnp.ones((8, 128), jnp.bfloat16), jnp.ones((2, 128, 256), jnp.bfloat16)
     with pytest.raises(ValueError, match="dest must be \\[8\\]"):
-        gm.gmm_combine(x, w, jnp.array([4, 4]), jnp.zeros((4,), jnp.int32), 3)
+        om.gmm_combine(x, w, jnp.array([4, 4]), jnp.zeros((4,), jnp.int32), 3)
     with pytest.raises(ValueError, match="num_rows must be positive"):
-        gm.gmm_combine(x, w, jnp.array([4, 4]), jnp.zeros((8,), jnp.int32), 0)
+        om.gmm_combine(x, w, jnp.array([4, 4]), jnp.zeros((8,), jnp.int32), 0)
