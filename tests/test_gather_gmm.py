@@ -158,3 +158,60 @@ def test_gather_gmm_bad_shapes_are_one_line_errors():
     x, w = jnp.ones((8, 128), jnp.bfloat16), jnp.ones((2, 128, 256), jnp.bfloat16)
     with pytest.raises(ValueError, match="rows \\[M\\]"):
         om.gather_gmm(x, jnp.zeros((4, 2), jnp.int32), w, jnp.array([2, 2]))
+
+
+@pytest.mark.parametrize("kind", ["random", "one_row", "one_group"])
+def test_gmm_sum_values_and_gradients(kind):
+    """``gmm_sum``: each row's items' products summed (float32) into the row; d lhs is the
+    row's gradient times the transposed weights (read through item_row), d rhs the tgmm of the
+    items with their rows' gradients — against float64 NumPy; items past the groups hold NaN
+    and must reach nothing (d lhs there is undefined and not compared)."""
+    rng = np.random.default_rng()
+    r, m, k, n, g = (4096, 20000, 1024, 512, 12) if ON_GPU else (96, 300, 128, 256, 5)
+    rows, sizes = routing(rng, kind, r, m, g)
+    used = np.arange(m) < sizes.sum()
+    h = rng.standard_normal((m, k))
+    h[~used] = np.nan
+    h = jnp.asarray(h, jnp.bfloat16)
+    w = jnp.asarray(rng.standard_normal((g, k, n)) / np.sqrt(k), jnp.bfloat16)
+    row_items = jnp.asarray(items_of_rows(rows, sizes, r))
+    cot = jnp.asarray(rng.standard_normal((r, n)), jnp.float32)
+
+    def loss(h, w):
+        out = om.gmm_sum(h, w, jnp.asarray(sizes), jnp.asarray(rows), row_items,
+                         out_dtype=jnp.float32)
+        return jnp.sum(out * cot), out
+
+    (_, out), (dh, dw) = jax.value_and_grad(loss, (0, 1), has_aux=True)(h, w)
+    h64 = np.where(used[:, None], f64(h), 0.0)
+    items = np_gmm(h64, f64(w), sizes)
+    want = np.zeros((r, n))
+    np.add.at(want, rows[used], items[used])
+    d_items = np.where(used[:, None], f64(cot)[rows], 0.0)
+    want_dh = np_gmm(d_items, f64(w), sizes, transpose=True)
+    want_dw = np_tgmm(h64, d_items, sizes)
+    # the item products are rounded to bf16 (the operands' dtype) before the float32 sum
+    for got, ref, tol in [(out, want, 1e-2), (np.asarray(dh, np.float64)[used], want_dh[used],
+                                               1e-2), (dw, want_dw, 1e-2)]:
+        got = np.asarray(got, np.float64)
+        assert not np.isnan(got).any()
+        np.testing.assert_allclose(got, ref, rtol=tol, atol=tol * np.abs(ref).max())
+
+
+def test_gmm_sum_lowers_for_cuda():
+    """``gmm_sum``'s compiled path lowers on any machine: its gradient is two Mosaic GPU kernels
+    (gather_gmm of the row gradients, tgmm gathering its rhs rows), no XLA gather of them."""
+    from conftest import mosaic_gpu_calls
+
+    bf16 = jnp.bfloat16
+    r, m, k, n, g = 512, 1024, 512, 256, 8
+
+    def loss(h, w, item_row, row_items, sizes):
+        out = om._gmm_sum(h, w, sizes, item_row, row_items, "gpu", bf16)
+        return jnp.sum(out.astype(jnp.float32))
+
+    args = [jax.ShapeDtypeStruct((m, k), bf16), jax.ShapeDtypeStruct((g, k, n), bf16),
+            jax.ShapeDtypeStruct((m,), jnp.int32), jax.ShapeDtypeStruct((r, 4), jnp.int32),
+            jax.ShapeDtypeStruct((g,), jnp.int32)]
+    calls = mosaic_gpu_calls(jax.grad(loss, argnums=(0, 1)), args, triton=True)
+    assert len(calls) == 2, calls
