@@ -167,7 +167,7 @@ def test_gmm_sum_values_and_gradients(kind):
     items with their rows' gradients — against float64 NumPy; items past the groups hold NaN
     and must reach nothing (d lhs there is undefined and not compared)."""
     rng = np.random.default_rng()
-    r, m, k, n, g = (2048, 6000, 1024, 512, 12) if ON_GPU else (96, 300, 128, 256, 5)
+    r, m, k, n, g = (4096, 20000, 1024, 512, 12) if ON_GPU else (96, 300, 128, 256, 5)
     rows, sizes = routing(rng, kind, r, m, g)
     used = np.arange(m) < sizes.sum()
     h = rng.standard_normal((m, k))
