@@ -19,9 +19,6 @@ inputs and must agree:
   pallas-epilogue  the pallas path with Occult's pre-combine in the down projection's
                    epilogue (gmm_combine; weights applied in the SwiGLU kernel) instead of
                    the weighted gather-sum row kernel
-  pallas-lean      the pallas path with precombine="lean": weights in the SwiGLU kernel,
-                   gmm_sum, whose backward reads the rows' gradients through the item index
-                   (less memory, slower on an H200: docs/benchmarks.md, session 14)
   pallas-copy-cat  pallas-copy with gate and up as one gmm on concatenated weights (one
                    item-gradient array in the backward, no sum of two)
   <variant>@xla    that variant with the row copies and sums on XLA gathers instead of the
@@ -257,8 +254,6 @@ def bench_case(shape: str, n: int, tilings, timed, args, every_row: list) -> lis
             return on_pallas_plan(split_gather)
         if backend == "pallas-epilogue":
             return pallas_epilogue
-        if backend == "pallas-lean":
-            return pallas_lean
         return lambda x, sw, ws: compute_experts(x, slot, sw, ws, backend)
 
     def on_pallas_plan(item_outputs):
@@ -274,11 +269,6 @@ def bench_case(shape: str, n: int, tilings, timed, args, every_row: list) -> lis
         plan = make_expert_plan(slot, local, *row_layout("pallas"))
         return _pallas_swiglu_combine(x, plan, item_weights(plan, sw), ws.w_gate, ws.w_up,
                                       ws.w_down, precombine="epilogue")
-
-    def pallas_lean(x, sw, ws):
-        plan = make_expert_plan(slot, local, *row_layout("pallas"))
-        return _pallas_swiglu_combine(x, plan, item_weights(plan, sw), ws.w_gate, ws.w_up,
-                                      ws.w_down, precombine="lean")
 
     def split_gather(x, plan, ws):
         gate, up = (gather_gmm(x, plan.item_row, w, plan.group_sizes, row_items=plan.row_items)

@@ -6,8 +6,6 @@ local experts, sorted by expert) that never materialise the item-order copy of t
   tiles). Its backward sums each row's item gradients (``row_items``) and gets the weight
   gradient from ``gather_tgmm``, so training does not copy the rows into item order either.
 * ``gather_tgmm``: ``tgmm(x[rows], dy)``, with the rows gathered inside the kernel.
-* ``gmm_sum``: the last expert matmul, then each row's items summed; its backward reads the
-  rows' gradients through the item index (``gather_gmm``, and ``tgmm`` gathering its rhs).
 * ``gmm_combine``: the last expert matmul adds ``item × weight`` products straight into their
   received rows in float32 (``gmm_combine_mgpu``).
 
@@ -42,27 +40,22 @@ def _gathers_on_gpu(mode: str, x: jax.Array, width: int) -> bool:
     return mode == "gpu" and x.dtype.itemsize == 2 and width % 64 == 0
 
 
-def _gather_tgmm_raw(x, rows, other, group_sizes, out_dtype, mode: str, tiling=None,
-                     gathered: str = "lhs"):
-    """``tgmm(x[rows], other)`` (``gathered="lhs"``) or ``tgmm(other, x[rows])`` ("rhs")."""
-    if rows.shape[0] != other.shape[0]:
-        raise ValueError(f"gather_tgmm wants rows [M] and the other operand [M, *]; got "
-                         f"{rows.shape}, {other.shape}")
-    lhs_gathered = gathered == "lhs"
-    if not _gathers_on_gpu(mode, x, x.shape[1]) or other.dtype != x.dtype:
-        pair = (x[rows], other) if lhs_gathered else (other, x[rows])
-        return _tgmm_raw(*pair, group_sizes, out_dtype, mode, tiling)
+def _gather_tgmm_raw(x, rows, rhs, group_sizes, out_dtype, mode: str, tiling=None):
+    if rows.shape[0] != rhs.shape[0]:
+        raise ValueError(f"gather_tgmm wants rows [M] and rhs [M, N]; got {rows.shape}, "
+                         f"{rhs.shape}")
+    if not _gathers_on_gpu(mode, x, x.shape[1]) or rhs.dtype != x.dtype:
+        return _tgmm_raw(x[rows], rhs, group_sizes, out_dtype, mode, tiling)
     from kernels.tgmm_mgpu import tgmm_call
 
-    k, n = (x.shape[1], other.shape[1]) if lhs_gathered else (other.shape[1], x.shape[1])
-    tiling = tiling or gm.tgmm_tiling(k, n, x.dtype.itemsize, jnp.dtype(out_dtype).itemsize)
+    tiling = tiling or gm.tgmm_tiling(x.shape[1], rhs.shape[1], x.dtype.itemsize,
+                                   jnp.dtype(out_dtype).itemsize)
     rows_p = jnp.pad(rows, (0, _row_padding(rows.shape[0])))
     blocks = schedule.group_blocks(group_sizes, rows_p.shape[0], tiling.tile_m,
                                    tiling.group_aligned)
-    pair = (x, _pad_rows(other)) if lhs_gathered else (_pad_rows(other), x)
-    out = tgmm_call(*pair, blocks, group_sizes.shape[0], out_dtype=out_dtype, tiling=tiling,
-                    interpret=False, **{f"{gathered}_rows": rows_p})
-    return platform.vary_like(out, x, rows, other, group_sizes)
+    out = tgmm_call(x, _pad_rows(rhs), blocks, group_sizes.shape[0], out_dtype=out_dtype,
+                    tiling=tiling, interpret=False, lhs_rows=rows_p)
+    return platform.vary_like(out, x, rows, rhs, group_sizes)
 
 
 def _clamped(rows: jax.Array, num_rows: int) -> jax.Array:
@@ -81,7 +74,8 @@ def gather_tgmm(x: jax.Array, rows: jax.Array, rhs: jax.Array, group_sizes: jax.
                             out_dtype, _mode(interpret))
 
 
-def _gather_gmm_raw(x, rows, rhs, group_sizes, out_dtype, mode: str, fill_tail: bool):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
+def _gather_gmm(x, rows, row_items, rhs, group_sizes, out_dtype, mode, fill_tail):
     if not _gathers_on_gpu(mode, x, rhs.shape[1]):
         return _gmm_raw(x[rows], rhs, group_sizes, out_dtype, False, mode, fill_tail=fill_tail)
     from kernels.gather_gmm_mgpu import gather_gmm_call
@@ -98,21 +92,6 @@ def _gather_gmm_raw(x, rows, rhs, group_sizes, out_dtype, mode: str, fill_tail: 
     return platform.vary_like(out[:m], x, rows, rhs, group_sizes)
 
 
-def _sum_items(items, row_items, out_dtype, mode: str) -> jax.Array:
-    """Row r ← Σ items[row_items[r, j]] over its links ≥ 0, in float32; only linked items
-    are read."""
-    if mode == "gpu":  # one pass over the used items (kernels/row_gather.py)
-        return sum_rows(items, row_items, out_dtype=out_dtype)
-    # a gather-sum over each row's items: no scatter (slow on GPU with repeats)
-    picked = jnp.take(items, jnp.maximum(row_items, 0), axis=0).astype(jnp.float32)
-    return jnp.sum(jnp.where((row_items >= 0)[..., None], picked, 0.0), axis=1).astype(out_dtype)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
-def _gather_gmm(x, rows, row_items, rhs, group_sizes, out_dtype, mode, fill_tail):
-    return _gather_gmm_raw(x, rows, rhs, group_sizes, out_dtype, mode, fill_tail)
-
-
 def _gather_gmm_fwd(x, rows, row_items, rhs, group_sizes, out_dtype, mode, fill_tail):
     out = _gather_gmm(x, rows, row_items, rhs, group_sizes, out_dtype, mode, fill_tail)
     return out, (x, rows, row_items, rhs, group_sizes)
@@ -126,8 +105,11 @@ def _gather_gmm_bwd(out_dtype, mode, fill_tail, residuals, d_out):
                        fill_tail=fill_tail or row_items is None)
     if row_items is None:
         d_x = jnp.zeros(x.shape, jnp.float32).at[rows].add(d_items.astype(jnp.float32))
-    else:
-        d_x = _sum_items(d_items, row_items, x.dtype, mode)
+    elif mode == "gpu":  # one pass over the used items (kernels/row_gather.py)
+        d_x = sum_rows(d_items, row_items, out_dtype=x.dtype)
+    else:  # a gather-sum over each row's items: no scatter (slow on GPU with repeats)
+        picked = jnp.take(d_items, jnp.maximum(row_items, 0), axis=0).astype(jnp.float32)
+        d_x = jnp.sum(jnp.where((row_items >= 0)[..., None], picked, 0.0), axis=1)
     d_rhs = _gather_tgmm_raw(x, rows, d_out, group_sizes, rhs.dtype, mode)
     return d_x.astype(x.dtype), None, None, d_rhs, None
 
@@ -155,53 +137,6 @@ def gather_gmm(x: jax.Array, rows: jax.Array, rhs: jax.Array, group_sizes: jax.A
     rhs = platform.vary_like(rhs, x)
     return _gather_gmm(x, _clamped(rows, x.shape[0]), row_items, rhs,
                        group_sizes.astype(jnp.int32), out_dtype, _mode(interpret), fill_tail)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
-def _gmm_sum(lhs, rhs, group_sizes, item_row, row_items, mode, out_dtype):
-    items = _gmm_raw(lhs, rhs, group_sizes, lhs.dtype, False, mode, fill_tail=False)
-    return _sum_items(items, row_items, out_dtype, mode)
-
-
-def _gmm_sum_fwd(lhs, rhs, group_sizes, item_row, row_items, mode, out_dtype):
-    out = _gmm_sum(lhs, rhs, group_sizes, item_row, row_items, mode, out_dtype)
-    return out, (lhs, rhs, group_sizes, item_row)
-
-
-def _gmm_sum_bwd(mode, out_dtype, residuals, d_out):
-    lhs, rhs, group_sizes, item_row = residuals
-    d_out = d_out.astype(lhs.dtype)  # d items = d_out[item_row], never materialised on GPU
-    d_lhs = _gather_gmm_raw(d_out, item_row, jnp.swapaxes(rhs, 1, 2), group_sizes, lhs.dtype,
-                            mode, fill_tail=False)
-    d_rhs = _gather_tgmm_raw(d_out, item_row, lhs, group_sizes, rhs.dtype, mode,
-                             gathered="rhs")
-    return d_lhs, d_rhs, None, None, None
-
-
-_gmm_sum.defvjp(_gmm_sum_fwd, _gmm_sum_bwd)
-
-
-def gmm_sum(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, item_row: jax.Array,
-            row_items: jax.Array, *, out_dtype=None,
-            interpret: bool | None = None) -> jax.Array:
-    """``out[r] = Σ_{items i of row r} lhs[i] @ rhs[g(i)]``: the last expert matmul and
-    Occult's pre-combine. lhs [M, K] items grouped by expert, item_row [M] (each item's row,
-    clamped into [0, R)), row_items [R, P] (each row's items, -1 for none) → [R, N], summed in
-    float32.
-
-    Forward: ``gmm`` into item order, then a gather-sum over each row's items. Backward: an
-    item's gradient is ``d_out[item_row[i]]``; the GPU kernels read it through ``item_row``
-    (``gather_gmm`` for d lhs, ``gather_tgmm`` for d rhs), so neither it nor the forward's
-    item-order product is kept. d lhs is undefined past the groups (as with ``fill_tail=False``).
-    """
-    if item_row.shape != lhs.shape[:1] or row_items.ndim != 2:
-        raise ValueError(f"gmm_sum wants item_row [{lhs.shape[0]}] and row_items [R, P]; got "
-                         f"{item_row.shape}, {row_items.shape}")
-    _check(lhs, rhs, group_sizes, False)
-    rhs = platform.vary_like(rhs, lhs)
-    return _gmm_sum(lhs, rhs, group_sizes.astype(jnp.int32),
-                    _clamped(item_row, row_items.shape[0]), row_items, _mode(interpret),
-                    jnp.dtype(out_dtype or lhs.dtype))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))

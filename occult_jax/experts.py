@@ -120,7 +120,7 @@ def swiglu_combine(rows: jax.Array, items: ExpertPlan, item_weight: jax.Array,
     return reduce_rows(y_items, items.row_items, items.item_row, item_weight)
 
 
-PRECOMBINES = ("rows", "lean", "epilogue")
+PRECOMBINES = ("rows", "epilogue")
 
 
 def _pallas_swiglu_combine(rows, items: ExpertPlan, item_weight, w_gate, w_up, w_down, *,
@@ -129,26 +129,21 @@ def _pallas_swiglu_combine(rows, items: ExpertPlan, item_weight, w_gate, w_up, w
     (kernels/swiglu.py), down projection, pre-combine into the received rows.
 
     ``precombine``: "rows" (default) — down ``gmm`` into item order, then the weighted
-    gather-sum row kernel (its backward gathers the output gradient into item order and keeps
-    the item-order product for the routing weights' gradient); "lean" — the SwiGLU kernel
-    scales each item by its routing weight (``(w · h) @ W = w · (h @ W)``; its backward gives
-    the weight gradient as a row dot product) and ``gmm_sum`` reads the rows' gradients
-    through the item index inside the kernels, so neither that gradient nor the product is
-    kept: 20–28% less scratch per training step, but 0.90–0.97× the speed of "rows" on an H200
-    (docs/benchmarks.md, session 14); "epilogue" — Occult's fused form: weights in the SwiGLU
-    kernel, ``gmm_combine`` adds each product row into its received row in float32 in the
-    matmul's epilogue, so the item-order product is never stored, but the float32 sum must be
-    zero-filled and cast (0.91–0.97× "rows", session 11).
+    gather-sum row kernel; "epilogue" — Occult's fused form: the SwiGLU kernel scales each
+    item by its routing weight (``(w · h) @ W = w · (h @ W)``) and ``gmm_combine`` adds each
+    product row into its received row in float32 in the matmul's epilogue, so the item-order
+    product is never stored (less peak memory), but the float32 sum must be zero-filled and
+    cast. On an H200 "epilogue" measured 0.91–0.97× the speed of "rows" (docs/benchmarks.md).
 
     The item buffer is sized for the worst case (every row listing min(k, E/N) experts) and
     mostly padding: 131k live of 524k rows at the OLMoE shape on 4 devices. With the "pallas"
     layout (no padding inside groups) the padding is the tail past the groups; no step here
     reads it except row by row in the last, partly filled tile (whose results land in the tail
     again), and tgmm masks rows outside each group. So the tail of the item arrays is left
-    unwritten, forward and backward, instead of zero-filled."""
+    unwritten (``fill_tail`` / ``fill_empty``), forward and backward, instead of zero-filled."""
     from kernels import swiglu as swiglu_kernel
     from kernels.grouped_matmul import gmm
-    from kernels.occult_matmul import gmm_combine, gmm_sum
+    from kernels.occult_matmul import gmm_combine
 
     if precombine not in PRECOMBINES:
         raise ValueError(f"unknown precombine {precombine!r}; use one of {PRECOMBINES}")
@@ -165,9 +160,6 @@ def _pallas_swiglu_combine(rows, items: ExpertPlan, item_weight, w_gate, w_up, w
         return reduce_rows(y_items, items.row_items, items.item_row, item_weight,
                            fill_empty=False)
     hidden = swiglu_kernel.swiglu(gate_up, live, scale=item_weight, fill_tail=False)
-    if precombine == "lean":
-        return gmm_sum(hidden, w_down, items.group_sizes, items.item_row, items.row_items,
-                       out_dtype=rows.dtype)
     out = gmm_combine(hidden, w_down, items.group_sizes, items.item_row, rows.shape[0],
                       fill_tail=False)
     return out.astype(rows.dtype)

@@ -181,12 +181,12 @@ def test_pallas_gate_up_reads_rows_through_the_plan_forward_and_backward(monkeyp
                                    atol=1e-4 * float(np.abs(np.asarray(b)).max()))
 
 
-@pytest.mark.parametrize("precombine", ["rows", "lean", "epilogue"])
+@pytest.mark.parametrize("precombine", ["rows", "epilogue"])
 def test_pallas_expert_compute_on_interpreted_kernels_matches_ragged_dot(monkeypatch, precombine):
     """The combination the GPU runs, interpreted on CPU: row-map kernels, the SwiGLU kernel and
     gmm leaving the item buffer's padding unwritten (the interpreter fills it with NaN, so any
-    read of it would show), with each pre-combine ("lean" and "epilogue": routing weights
-    scaled in the SwiGLU kernel, then gmm_sum, or gmm_combine's CPU fallback). Values and gradients (rows, routing weights,
+    read of it would show), with either pre-combine ("epilogue": routing weights scaled in the
+    SwiGLU kernel, gmm_combine's CPU fallback). Values and gradients (rows, routing weights,
     the three expert weights) equal ragged_dot's with XLA row maps."""
     import functools
 
