@@ -59,7 +59,8 @@ def _gather_tgmm_raw(x, rows, rhs, group_sizes, out_dtype, mode: str, tiling=Non
 
 
 def _clamped(rows: jax.Array, num_rows: int) -> jax.Array:
-    return jnp.clip(rows.astype(jnp.int32), 0, num_rows - 1)  # a bad index never reads wild
+    # a bad index never reads (gathers) or writes (combines) wild
+    return jnp.clip(rows.astype(jnp.int32), 0, num_rows - 1)
 
 
 def gather_tgmm(x: jax.Array, rows: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *,
@@ -199,7 +200,7 @@ def gmm_combine(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, dest: ja
                          f"got {dest.shape}")
     if num_rows < 1:
         raise ValueError(f"gmm_combine: num_rows must be positive; got {num_rows}")
-    dest = jnp.clip(dest.astype(jnp.int32), 0, num_rows - 1)  # a bad index never writes wild
+    dest = _clamped(dest, num_rows)
     rhs = platform.vary_like(rhs, lhs)
     return _gmm_combine(lhs, rhs, group_sizes.astype(jnp.int32), dest, num_rows,
                         _mode(interpret), fill_tail, tiling)
