@@ -1,0 +1,66 @@
+"""The library's earlier defaults, patched back in while a benchmark variant traces, so that
+``benchmarks/fused_experts.py`` can time them beside the current ones in one run: a variant
+named ``<variant>@cooperative``, ``@gridrows`` or ``@copytrain`` (suffixes combine)."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+
+PREVIOUS = ("@cooperative", "@gridrows", "@copytrain")
+
+
+@contextlib.contextmanager
+def previous_schedules(name: str):
+    """For a variant named ``…@cooperative``: gmm and tgmm default to the cooperative
+    column-split schedule (the defaults before 2026-11-24); ``…@gridrows``: row tiles on the
+    tile grid, tgmm's tiles in group order; ``…@copytrain``: the gate|up product copies the
+    rows into item order under differentiation (``gate_up_copied_in_training``). Jit traces a
+    custom_vjp's backward when the gradient is traced, so a variant must be traced (called
+    first) inside this context, forward and gradient both."""
+    import kernels.grouped_matmul as gm
+
+    saved = gm.default_gmm_tiling, gm.gmm_tiling, gm.tgmm_tiling
+    if "@cooperative" in name:
+        gm.default_gmm_tiling = gm.gmm_tiling
+        gm.tgmm_tiling = functools.partial(saved[2], split_k=False)
+    if "@gridrows" in name:
+        def on_grid(make):
+            return lambda *a, **kw: dataclasses.replace(make(*a, **kw), group_aligned=False)
+
+        gm.gmm_tiling = on_grid(saved[1])
+        gm.tgmm_tiling = lambda *a, **kw: dataclasses.replace(
+            saved[2](*a, **kw), group_aligned=False, balance=False)
+    import occult_jax.experts as experts
+
+    saved_gate_up = experts.gate_up_items
+    if "@copytrain" in name:
+        experts.gate_up_items = gate_up_copied_in_training
+    try:
+        yield
+    finally:
+        gm.default_gmm_tiling, gm.gmm_tiling, gm.tgmm_tiling = saved
+        experts.gate_up_items = saved_gate_up
+
+
+def gate_up_copied_in_training(rows, item_row, row_items, group_sizes, w_gate_up):
+    """The gate|up product as before 2026-11-24 (session 14): read through the item index
+    when served, but under differentiation the rows copied into item order (the copy is the
+    residual tgmm reads in the backward)."""
+    import jax
+
+    from kernels.grouped_matmul import gmm
+    from kernels.occult_matmul import gather_gmm
+    from occult_jax.row_maps import expand_rows
+
+    def copied(r, w):
+        x_items = expand_rows(r, item_row, row_items, fill_empty=False)
+        return gmm(x_items, w, group_sizes, fill_tail=False)
+
+    @jax.custom_vjp
+    def product(r, w):
+        return gather_gmm(r, item_row, w, group_sizes)
+
+    product.defvjp(lambda r, w: jax.vjp(copied, r, w), lambda pullback, ct: pullback(ct))
+    return product(rows, w_gate_up)
