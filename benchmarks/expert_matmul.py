@@ -47,6 +47,17 @@ def group_sizes(m: int, g: int, seed: int = 0) -> np.ndarray:
     return sizes
 
 
+def row_work(sizes: np.ndarray, tile_m: int) -> float:
+    """Rows our kernels multiply per row of the problem: each group's ``tile_m``-row tiles
+    from its first row (``schedule.group_blocks``). Ours / equal-group einsum cannot exceed
+    1 / row_work at the einsum's speed per multiplied row."""
+    from kernels import schedule
+
+    m = int(sizes.sum())
+    blocks = schedule.group_blocks(np.asarray(sizes), m, tile_m)
+    return float(np.sum(blocks.num_blocks)) * tile_m / m
+
+
 def our_tilings(gm, pass_: str, k: int, n: int, sweep: str) -> list:
     """Our kernel's tilings to time: the default first, then the sweep's variants."""
     if pass_ == "dw":
@@ -214,14 +225,18 @@ def main(argv=None) -> None:
 
     rows = [r for spec in args.shapes.split(",") for r in bench_shape(spec, args)]
     print(f"\n{'shape':22s} {'pass':4s} " + " ".join(f"{i:>10s}" for i in args.impls.split(","))
-          + "   ours/mgpu  ours/einsum   (TFLOP/s)")
+          + "   ours/mgpu  ours/einsum  row work   (TFLOP/s)")
     for spec in args.shapes.split(","):
+        m, _, _, g = map(int, spec.split("x"))
         for pass_ in args.passes.split(","):
             got = {r["impl"]: r for r in rows if r["shape"] == spec and r["pass"] == pass_}
             cells = " ".join(f"{got[i]['tflops']:10.0f}" if i in got else f"{'-':>10s}"
                              for i in args.impls.split(","))
+            work = row_work(group_sizes(m, g), 64 if pass_ == "dw" else 128)
             print(f"{spec:22s} {pass_:4s} {cells}  {ratio(got, 'pallas', 'mgpu')}  "
-                  f"{ratio(got, 'pallas', 'einsum')}")
+                  f"{ratio(got, 'pallas', 'einsum')}  {work:8.3f}")
+    print("row work: rows our default tiles multiply per row (1/row work bounds ours/einsum "
+          "at the einsum's speed per multiplied row)")
     variants = [r for r in rows if r["impl"] == "pallas variant"]
     if variants:
         print("\nour kernel's pipelining options (x: speed against the default tiling)")

@@ -30,7 +30,10 @@ inputs and must agree:
                    order (as before session 13, 2026-11-24; ping-pong at N <= 1024 kept).
   <variant>@copytrain  that variant with the rows copied into item order under
                    differentiation (as before session 14, 2026-11-24: tgmm read the copy;
-                   now gather_tgmm gathers them). Suffixes combine: pallas@gridrows@xla.
+                   now gather_tgmm gathers them).
+  <variant>@coopshort  that variant with gmm of contraction <= 1024 (the down projection at
+                   d_ff <= 1024) on the cooperative kernel, not ping-pong (as before session
+                   15). Suffixes combine: pallas@gridrows@xla.
 
 Times are wall-clock medians of --iters synchronised calls after two warm-ups; fwd+bwd is the
 gradient of sum(out² · cot), which needs the forward's value (before 2026-11-24 it was a loss

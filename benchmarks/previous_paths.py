@@ -1,6 +1,7 @@
 """The library's earlier defaults, patched back in while a benchmark variant traces, so that
 ``benchmarks/fused_experts.py`` can time them beside the current ones in one run: a variant
-named ``<variant>@cooperative``, ``@gridrows`` or ``@copytrain`` (suffixes combine)."""
+named ``<variant>@cooperative``, ``@gridrows``, ``@copytrain`` or ``@coopshort`` (suffixes
+combine)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import contextlib
 import dataclasses
 import functools
 
-PREVIOUS = ("@cooperative", "@gridrows", "@copytrain")
+PREVIOUS = ("@cooperative", "@gridrows", "@copytrain", "@coopshort")
 
 
 @contextlib.contextmanager
@@ -16,12 +17,17 @@ def previous_schedules(name: str):
     """For a variant named ``…@cooperative``: gmm and tgmm default to the cooperative
     column-split schedule (the defaults before 2026-11-24); ``…@gridrows``: row tiles on the
     tile grid, tgmm's tiles in group order; ``…@copytrain``: the gate|up product copies the
-    rows into item order under differentiation (``gate_up_copied_in_training``). Jit traces a
+    rows into item order under differentiation (``gate_up_copied_in_training``);
+    ``…@coopshort``: gmm with a contraction of at most 1024 and a 2048-wide output on the
+    cooperative kernel, not ping-pong (the default before session 15). Jit traces a
     custom_vjp's backward when the gradient is traced, so a variant must be traced (called
     first) inside this context, forward and gradient both."""
     import kernels.grouped_matmul as gm
 
     saved = gm.default_gmm_tiling, gm.gmm_tiling, gm.tgmm_tiling
+    saved_contraction = gm.PINGPONG_MAX_CONTRACTION
+    if "@coopshort" in name:
+        gm.PINGPONG_MAX_CONTRACTION = 0
     if "@cooperative" in name:
         gm.default_gmm_tiling = gm.gmm_tiling
         gm.tgmm_tiling = functools.partial(saved[2], split_k=False)
@@ -41,6 +47,7 @@ def previous_schedules(name: str):
         yield
     finally:
         gm.default_gmm_tiling, gm.gmm_tiling, gm.tgmm_tiling = saved
+        gm.PINGPONG_MAX_CONTRACTION = saved_contraction
         experts.gate_up_items = saved_gate_up
 
 

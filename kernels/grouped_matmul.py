@@ -29,6 +29,7 @@ from kernels.tgmm_mgpu import TgmmTiling, tgmm_call
 
 ROW_MULTIPLE = 128  # M is padded to this (both kernels' row tiles divide it)
 MAX_STAGES = 4
+PINGPONG_MAX_CONTRACTION = 1024  # ping-pong by default up to this k (default_gmm_tiling)
 
 
 def _stages(stage_bytes: int, out_bytes: int, most: int = MAX_STAGES) -> int:
@@ -86,11 +87,12 @@ def gmm_tiling(k: int, n: int, itemsize: int = 2, out_itemsize: int = 2, *,
 def default_gmm_tiling(k: int, n: int, itemsize: int = 2, out_itemsize: int = 2) -> GmmTiling:
     """The schedule ``gmm`` runs by default, the fastest measured (docs/benchmarks.md): ping-pong
     where the cooperative kernel would split 128-wide columns into 64-wide halves (n an odd
-    multiple of 128, e.g. 1408) and on narrow outputs (n <= 1024: half-width tiles even out the
-    last wave; H200 0.99-1.06x, H100 0.98-1.04x the cooperative kernel), the streamed
-    cooperative kernel where chained tiles do not fit the stage count, else the cooperative
-    kernel with chained tiles."""
-    if n % 128 == 0 and (n % 256 or n <= 1024):
+    multiple of 128, e.g. 1408), on narrow outputs (n <= 1024: half-width tiles even out the
+    last wave; H200 0.99-1.06x, H100 0.98-1.04x the cooperative kernel) and on short
+    contractions (k <= PINGPONG_MAX_CONTRACTION: one warpgroup's output write overlaps the
+    other's few k-steps), the streamed cooperative kernel where chained tiles do not fit the
+    stage count, else the cooperative kernel with chained tiles."""
+    if n % 128 == 0 and (n % 256 or n <= 1024 or k <= PINGPONG_MAX_CONTRACTION):
         return gmm_tiling(k, n, itemsize, out_itemsize, pingpong=True)
     tiling = gmm_tiling(k, n, itemsize, out_itemsize)
     return tiling if tiling.chain else gmm_tiling(k, n, itemsize, out_itemsize, stream=True)

@@ -192,10 +192,11 @@ def test_gmm_and_tgmm_default_tilings():
     assert dw.stages == gm.tgmm_tiling(2048, 1024).stages  # same stage bytes
     assert not gm.tgmm_tiling(2048, 1024).split_k
     assert gm.gmm_tiling(2048, 1024, stream=True).stages == 4  # 48 KiB stages
-    # gmm's default: ping-pong at n = 1408 and n <= 1024, streamed where 22 k-steps cannot
-    # chain 4 stages
+    # gmm's default: ping-pong at n = 1408, n <= 1024 and k <= 1024, streamed where 22
+    # k-steps cannot chain 4 stages
     assert gm.default_gmm_tiling(2048, 1408).pingpong
     assert gm.default_gmm_tiling(2048, 1024).pingpong
+    assert gm.default_gmm_tiling(1024, 2048).pingpong
     assert gm.default_gmm_tiling(1408, 2048).stream
     assert gm.default_gmm_tiling(2048, 2048).chain
     combine = gm.gmm_tiling(2048, 1024, pingpong=True, combine=True)  # float32 64² staging
