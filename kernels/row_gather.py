@@ -22,6 +22,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
@@ -34,6 +35,7 @@ from kernels.triton_launch import call, load_rows, pow2_tile
 ROWS = 16  # rows per program at most
 COLUMNS = 256  # columns per program at most
 NUM_WARPS = 4
+UNROLLED_SLOTS = 16  # sum_rows unrolls its loop over a row's slots up to this many
 
 
 def _interpret(interpret: bool | None) -> bool:
@@ -112,14 +114,22 @@ def _sum_kernel(slots_ref, weight_ref, b_ref, out_ref, *, rows: int, cols: int, 
     i, j = pl.program_id(0), pl.program_id(1)
     tile_rows = pl.ds(i * rows, rows)
     columns = j * cols + jnp.arange(cols)
-    acc = jnp.zeros((rows, cols), jnp.float32)
-    for p in range(slots_ref.shape[1]):
+
+    def add_slot(p, acc):
         slot = slots_ref[tile_rows, p]
         valid = slot >= 0
         x = load_rows(b_ref, slot, valid, columns).astype(jnp.float32)
         if weighted:
             x = x * _load_scalars(weight_ref, slot, valid).astype(jnp.float32)[:, None]
-        acc = acc + x
+        return acc + x
+
+    acc = jnp.zeros((rows, cols), jnp.float32)
+    slots = slots_ref.shape[1]
+    if slots <= UNROLLED_SLOTS:
+        for p in range(slots):
+            acc = add_slot(p, acc)
+    else:  # unrolled, thousands of slots took Triton minutes to compile
+        acc = lax.fori_loop(0, slots, add_slot, acc)
     out_ref[tile_rows, pl.ds(j * cols, cols)] = acc.astype(out_ref.dtype)
 
 

@@ -130,14 +130,14 @@ def test_row_kernels_against_numpy_with_scale_and_dot():
         np.testing.assert_allclose(out, picked * scale[:, None], rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(dot, np.sum(picked * other, axis=1), rtol=1e-4, atol=1e-4)
 
-        slots = rng.integers(-1, b_rows, (a_rows, 3)).astype(np.int32)
         b = rng.standard_normal((b_rows, d)).astype(np.float32)
-        want = sum(np.where(slots[:, j, None] >= 0,
-                            (b * scale[:, None]).astype(np.float64)[np.maximum(slots[:, j], 0)],
-                            0) for j in range(3))
-        got = sum_rows(jnp.asarray(b), jnp.asarray(slots), weight=jnp.asarray(scale),
-                       interpret=True)
-        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+        for per_row in (3, 40):  # an unrolled loop over the slots, and a loop
+            slots = rng.integers(-1, b_rows, (a_rows, per_row)).astype(np.int32)
+            want = sum(np.where(slots[:, j, None] >= 0, (b * scale[:, None]).astype(
+                np.float64)[np.maximum(slots[:, j], 0)], 0) for j in range(per_row))
+            got = sum_rows(jnp.asarray(b), jnp.asarray(slots), weight=jnp.asarray(scale),
+                           interpret=True)
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * per_row)
 
 
 def test_row_kernels_reject_bad_shapes():
@@ -220,3 +220,33 @@ def test_reduce_gradients_ignore_undefined_empty_rows(kernels):
     assert np.isfinite(np.asarray(g_w)).all()
     assert np.isfinite(np.asarray(g_b)[~empty]).all()
     np.testing.assert_array_equal(np.asarray(g_w)[empty], 0.0)
+
+
+def test_sum_rows_with_many_slots_lowers_to_a_triton_loop(monkeypatch):
+    """Past UNROLLED_SLOTS slots per row the sum is a loop in the Triton kernel, not thousands
+    of unrolled loads (which took Triton minutes to compile on an H100): the verified IR has a
+    loop and as many loads as a few slots, with 4 × UNROLLED_SLOTS slots."""
+    from conftest import cuda_module_text
+    from jax._src.pallas.triton import lowering
+
+    from kernels import row_gather
+
+    monkeypatch.setattr(row_gather, "_interpret", lambda interpret: False)
+    modules = []
+    lower = lowering.lower_jaxpr_to_triton_module
+
+    def lower_and_keep(*args, **kwargs):
+        result = lower(*args, **kwargs)
+        modules.append(str(result.module))
+        return result
+
+    monkeypatch.setattr(lowering, "lower_jaxpr_to_triton_module", lower_and_keep)
+    target = "__gpu$xla.gpu.triton"
+    for slots in (row_gather.UNROLLED_SLOTS, 4 * row_gather.UNROLLED_SLOTS):
+        args = [jax.ShapeDtypeStruct((512, 256), jnp.bfloat16),
+                jax.ShapeDtypeStruct((64, slots), jnp.int32)]
+        text = cuda_module_text(lambda b, s: row_gather.sum_rows(b, s), args, [target])
+        assert text.count(f"@{target}(") == 1
+    unrolled, looped = modules[-2:]
+    assert "scf.for" not in unrolled and "scf.for" in looped
+    assert looped.count("tt.load") < unrolled.count("tt.load") / 4
