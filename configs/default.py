@@ -22,6 +22,7 @@ def moe_defaults() -> config_dict.ConfigDict:
         "shared_d_ff": 0,  # 0: d_ff
         "shared_expert_gate": False,
         "expert_matmul": "auto",
+        "precombine": "rows",  # rows | epilogue (less memory; needs expert_matmul="pallas")
         "param_dtype": "float32",
         "aux_loss_weight": 0.01,
         "z_loss_weight": 0.001,

@@ -42,14 +42,16 @@ class Layout:
 
 
 def compute_experts(rows: jax.Array, slot_expert: jax.Array, slot_weight: jax.Array,
-                    weights: ExpertWeights, backend: str) -> jax.Array:
-    """Received rows [R, d] → one pre-combined output row each: Σ_pairs weight · FFN_e(row)."""
+                    weights: ExpertWeights, backend: str, precombine: str = "rows") -> jax.Array:
+    """Received rows [R, d] → one pre-combined output row each: Σ_pairs weight · FFN_e(row)
+    (``precombine``: MoEConfig.precombine, for the "pallas" backend)."""
     experts_per_device = weights.w_gate.shape[0]
     items = plan_lib.make_expert_plan(slot_expert, experts_per_device, *row_layout(backend))
     w_items = plan_lib.item_weights(items, slot_weight)
     dtype = rows.dtype
     return swiglu_combine(rows, items, w_items, weights.w_gate.astype(dtype),
-                          weights.w_up.astype(dtype), weights.w_down.astype(dtype), backend)
+                          weights.w_up.astype(dtype), weights.w_down.astype(dtype), backend,
+                          precombine)
 
 
 def expert_parallel_moe(x: jax.Array, weights: ExpertWeights, expert_slot: jax.Array,
@@ -77,7 +79,8 @@ def expert_parallel_moe(x: jax.Array, weights: ExpertWeights, expert_slot: jax.A
     if layout.identity_experts:
         out_rows = rows
     else:
-        out_rows = compute_experts(rows, slot_expert, slot_weight, weights, layout.backend)
+        out_rows = compute_experts(rows, slot_expert, slot_weight, weights, layout.backend,
+                                   cfg.precombine)
 
     (back_rows,), _, _ = exchange(
         (out_rows,), (), kind=cfg.transport, axis_name=axis,

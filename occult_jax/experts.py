@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 
 from occult_jax.blocked_gmm import blocked_gmm
-from occult_jax.config import pallas_fits
+from occult_jax.config import PRECOMBINES, pallas_fits
 from occult_jax.plan import ExpertPlan
 from occult_jax.row_maps import expand_rows, reduce_rows
 
@@ -101,7 +101,7 @@ def grouped_swiglu(x: jax.Array, groups: ExpertPlan, w_gate: jax.Array, w_up: ja
 
 def swiglu_combine(rows: jax.Array, items: ExpertPlan, item_weight: jax.Array,
                    w_gate: jax.Array, w_up: jax.Array, w_down: jax.Array,
-                   backend: str) -> jax.Array:
+                   backend: str, precombine: str = "rows") -> jax.Array:
     """Received rows [R, d] → Σ over each row's items of item_weight · SwiGLU_expert(row).
 
     "fused": one set of kernels reads the rows through the plan and pre-combines in float32
@@ -114,13 +114,11 @@ def swiglu_combine(rows: jax.Array, items: ExpertPlan, item_weight: jax.Array,
         return fused_swiglu_combine(rows, w_gate, w_up, w_down, item_weight, items.item_row,
                                     items.block_group, items.used_blocks, items.group_sizes)
     if backend == "pallas":
-        return _pallas_swiglu_combine(rows, items, item_weight, w_gate, w_up, w_down)
+        return _pallas_swiglu_combine(rows, items, item_weight, w_gate, w_up, w_down,
+                                      precombine=precombine)
     x_items = expand_rows(rows, items.item_row, items.row_items)
     y_items = grouped_swiglu(x_items, items, w_gate, w_up, w_down, backend)
     return reduce_rows(y_items, items.row_items, items.item_row, item_weight)
-
-
-PRECOMBINES = ("rows", "epilogue")
 
 
 def _pallas_swiglu_combine(rows, items: ExpertPlan, item_weight, w_gate, w_up, w_down, *,
@@ -132,8 +130,9 @@ def _pallas_swiglu_combine(rows, items: ExpertPlan, item_weight, w_gate, w_up, w
     gather-sum row kernel; "epilogue" — Occult's fused form: the SwiGLU kernel scales each
     item by its routing weight (``(w · h) @ W = w · (h @ W)``) and ``gmm_combine`` adds each
     product row into its received row in float32 in the matmul's epilogue, so the item-order
-    product is never stored (less peak memory), but the float32 sum must be zero-filled and
-    cast. On an H200 "epilogue" measured 0.91–0.97× the speed of "rows" (docs/benchmarks.md).
+    product is never stored (20–28% less scratch per training step), but the float32 sum must
+    be zero-filled and cast: training 0.97–1.01×, serving 0.86–0.98× the speed of "rows" on
+    an H100 (docs/benchmarks.md, session 15). MoEConfig.precombine picks it.
 
     The item buffer is sized for the worst case (every row listing min(k, E/N) experts) and
     mostly padding: 131k live of 524k rows at the OLMoE shape on 4 devices. With the "pallas"

@@ -18,6 +18,11 @@ import occult_jax as oj
     ({"capacity_factor": 0.0}, "capacity_factor=0.0 must be > 0"),
     ({"num_experts": 0}, "num_experts=0 must be a positive integer"),
     ({"expert_matmul": "cublas"}, "expert_matmul='cublas' is unknown"),
+    ({"precombine": "sum"}, "precombine='sum' is unknown"),
+    ({"precombine": "epilogue"}, "set expert_matmul='pallas' \\(got 'auto'\\) or "
+                                 "precombine='rows'"),
+    ({"precombine": "epilogue", "expert_matmul": "ragged_dot"}, "precombine='epilogue' is an "
+     "option of the Pallas expert path"),
 ])
 def test_bad_config_values(changes, needle):
     with pytest.raises(ValueError, match=needle) as info:

@@ -92,9 +92,11 @@ def test_layer_results_do_not_depend_on_backend(backend):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("dispatch", ["standard", "occult"])
-def test_layer_with_pallas_kernels_matches_ragged_dot(dispatch):
-    """expert_matmul='pallas' (interpreted on CPU) gives the ragged_dot results and gradients.
+@pytest.mark.parametrize("dispatch,precombine", [("standard", "rows"), ("occult", "rows"),
+                                                  ("occult", "epilogue")])
+def test_layer_with_pallas_kernels_matches_ragged_dot(dispatch, precombine):
+    """expert_matmul='pallas' (interpreted on CPU) gives the ragged_dot results and gradients,
+    with each MoEConfig.precombine.
 
     One device: the Mosaic GPU interpreter keeps global state and cannot run several devices'
     kernels at once (a multi-device mesh hangs on CPU); on GPUs the kernels run per device.
@@ -105,7 +107,8 @@ def test_layer_with_pallas_kernels_matches_ragged_dot(dispatch):
     x = jnp.asarray(rng.standard_normal((2, 24, 128)), jnp.float32)
     cot = jnp.asarray(rng.standard_normal(x.shape), jnp.float32)
     base = oj.MoELayer(cfg.replace(expert_matmul="ragged_dot"), mesh=mesh, rngs=nnx.Rngs(4))
-    other = oj.MoELayer(cfg.replace(expert_matmul="pallas"), mesh=mesh, rngs=nnx.Rngs(4))
+    other = oj.MoELayer(cfg.replace(expert_matmul="pallas", precombine=precombine), mesh=mesh,
+                        rngs=nnx.Rngs(4))
 
     def loss(layer, x):
         return jnp.sum(layer(x)[0] * cot)
@@ -191,14 +194,11 @@ def test_pallas_expert_compute_on_interpreted_kernels_matches_ragged_dot(monkeyp
     import functools
 
     from kernels import swiglu as swiglu_module
-    from occult_jax import experts as experts_module
     from occult_jax.dispatch import ExpertWeights, compute_experts
     from occult_jax.row_maps import use_kernels
 
     monkeypatch.setattr(swiglu_module, "swiglu",
                         functools.partial(swiglu_module.swiglu, interpret=True))
-    monkeypatch.setattr(experts_module, "_pallas_swiglu_combine", functools.partial(
-        experts_module._pallas_swiglu_combine, precombine=precombine))
     rng = np.random.default_rng()
     rows_n, pairs, experts, d, f = 40, 3, 4, 128, 128
     slot = jnp.asarray(random_slots(rng, rows_n, pairs, experts, rng.integers(experts)),
@@ -212,7 +212,7 @@ def test_pallas_expert_compute_on_interpreted_kernels_matches_ragged_dot(monkeyp
         def fn(rows, slot_weight, w_gate, w_up, w_down):
             weights = ExpertWeights(jnp.zeros((d, 1)), w_gate, w_up, w_down, jnp.zeros((1, 1)))
             with use_kernels(kernels):
-                out = compute_experts(rows, slot, slot_weight, weights, backend)
+                out = compute_experts(rows, slot, slot_weight, weights, backend, precombine)
             return jnp.sum(out * cot), out
         return jax.value_and_grad(fn, argnums=tuple(range(5)), has_aux=True)
 
