@@ -190,7 +190,8 @@ def test_gmm_and_tgmm_default_tilings():
     dw = gm.tgmm_tiling(2048, 1408)  # rows split: 256 x 128 tiles instead of 128 x 128
     assert (dw.split_k, dw.block_k, dw.block_n) == (True, 256, 128)
     assert dw.stages == gm.tgmm_tiling(2048, 1024).stages  # same stage bytes
-    assert not gm.tgmm_tiling(2048, 1024).split_k
+    assert gm.tgmm_tiling(2048, 2048).split_k  # 256 x 128 wherever it fits
+    assert not gm.tgmm_tiling(1408, 2048).split_k  # k = 1408: 128 x 256, columns split
     assert gm.gmm_tiling(2048, 1024, stream=True).stages == 4  # 48 KiB stages
     # gmm's default: ping-pong at n = 1408, n <= 1024 and k <= 1024, streamed where 22
     # k-steps cannot chain 4 stages
