@@ -32,14 +32,15 @@ def mosaic_gpu_calls(fn, args, *, triton: bool = False) -> list[str]:
     return re.findall(r"custom_call @(mosaic_gpu\w*)\(", text)
 
 
-def cuda_module_text(fn, args, custom_call_targets) -> str:
+def cuda_module_text(fn, args, custom_call_targets, triton_modules: list | None = None) -> str:
     """StableHLO text of jit(fn) exported for CUDA from this machine (no GPU needed), with the
-    kernels' custom calls allowed; skips where this JAX needs a GPU to lower Pallas kernels."""
+    kernels' custom calls allowed; skips where this JAX needs a GPU to lower Pallas kernels.
+    ``triton_modules``: a list that receives the text of each Triton module lowered."""
     from jax import export
 
     checks = [export.DisabledSafetyCheck.custom_call(t) for t in custom_call_targets]
     try:
-        with _verified_triton_modules():
+        with _verified_triton_modules(triton_modules):
             exported = export.export(jax.jit(fn), platforms=["cuda"],
                                      disabled_checks=checks)(*args)
     except RuntimeError as err:  # JAX 0.11 asks the local device for the GPU's capability
@@ -50,9 +51,10 @@ def cuda_module_text(fn, args, custom_call_targets) -> str:
 
 
 @contextlib.contextmanager
-def _verified_triton_modules():
-    """Run MLIR's verifier on every Triton module lowered inside: JAX serialises them
-    unverified and the GPU rejects an invalid one only when it compiles it."""
+def _verified_triton_modules(texts: list | None = None):
+    """Run MLIR's verifier on every Triton module lowered inside (JAX serialises them
+    unverified and the GPU rejects an invalid one only when it compiles it); their text is
+    appended to ``texts`` when given."""
     from jax._src.pallas.triton import lowering
 
     lower = lowering.lower_jaxpr_to_triton_module
@@ -60,6 +62,8 @@ def _verified_triton_modules():
     def lower_and_verify(*args, **kwargs):
         result = lower(*args, **kwargs)
         result.module.operation.verify()  # raises MLIRError naming the op and source line
+        if texts is not None:
+            texts.append(str(result.module))
         return result
 
     lowering.lower_jaxpr_to_triton_module = lower_and_verify

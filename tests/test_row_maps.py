@@ -227,25 +227,17 @@ def test_sum_rows_with_many_slots_lowers_to_a_triton_loop(monkeypatch):
     of unrolled loads (which took Triton minutes to compile on an H100): the verified IR has a
     loop and as many loads as a few slots, with 4 × UNROLLED_SLOTS slots."""
     from conftest import cuda_module_text
-    from jax._src.pallas.triton import lowering
 
     from kernels import row_gather
 
     monkeypatch.setattr(row_gather, "_interpret", lambda interpret: False)
     modules = []
-    lower = lowering.lower_jaxpr_to_triton_module
-
-    def lower_and_keep(*args, **kwargs):
-        result = lower(*args, **kwargs)
-        modules.append(str(result.module))
-        return result
-
-    monkeypatch.setattr(lowering, "lower_jaxpr_to_triton_module", lower_and_keep)
     target = "__gpu$xla.gpu.triton"
     for slots in (row_gather.UNROLLED_SLOTS, 4 * row_gather.UNROLLED_SLOTS):
         args = [jax.ShapeDtypeStruct((512, 256), jnp.bfloat16),
                 jax.ShapeDtypeStruct((64, slots), jnp.int32)]
-        text = cuda_module_text(lambda b, s: row_gather.sum_rows(b, s), args, [target])
+        text = cuda_module_text(lambda b, s: row_gather.sum_rows(b, s), args, [target],
+                                triton_modules=modules)
         assert text.count(f"@{target}(") == 1
     unrolled, looped = modules[-2:]
     assert "scf.for" not in unrolled and "scf.for" in looped
