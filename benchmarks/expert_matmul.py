@@ -3,8 +3,9 @@ and an equal-group dense einsum, for the forward product, dX and dW, in TFLOP/s.
 
   python benchmarks/expert_matmul.py --shapes 32768x2048x1024x32,65536x2048x1408x64
 
-Shapes are MxKxNxG; group sizes are skewed (Dirichlet(2), seed 0). Times are device-side (CUPTI,
-sum of the kernels a call launches, median of --iters). ragged_dot_mgpu and our kernel each take
+Shapes are MxKxNxG; group sizes are skewed (Dirichlet(2), seed 0), or M / G each with
+``--sizes equal``. Times are device-side (CUPTI, sum of the kernels a call launches, median of
+--iters). ragged_dot_mgpu and our kernel each take
 the best of a small tiling sweep. Every variant is checked against float32 ragged_dot first.
 """
 
@@ -36,11 +37,18 @@ def parse_args(argv=None):
                         "ping-pong warpgroups; rows: row tiles from each group's start vs on "
                         "the tile grid, dW tiles longest first vs in group order; the last "
                         "three report every variant side by side)")
+    p.add_argument("--sizes", choices=("skewed", "equal"), default="skewed",
+                   help="group sizes: Dirichlet-skewed, or M / G each (the einsum's own "
+                        "problem: separates our per-row speed from the row work of skew)")
     p.add_argument("--out", default=None, help="write the rows as JSON here")
     return p.parse_args(argv)
 
 
-def group_sizes(m: int, g: int, seed: int = 0) -> np.ndarray:
+def group_sizes(m: int, g: int, seed: int = 0, kind: str = "skewed") -> np.ndarray:
+    if kind == "equal":
+        if m % g:
+            raise ValueError(f"--sizes equal needs M divisible by G; got M={m}, G={g}")
+        return np.full(g, m // g, np.int32)
     p = np.random.default_rng(seed).dirichlet(np.ones(g) * 2.0)
     sizes = np.floor(p * m).astype(np.int32)
     sizes[-1] += m - sizes.sum()
@@ -110,7 +118,7 @@ def bench_shape(spec: str, args) -> list[dict]:
     x = jax.random.normal(keys[0], (m, k), jnp.bfloat16)
     w = (jax.random.normal(keys[1], (g, k, n), jnp.float32) * 0.02).astype(jnp.bfloat16)
     dy = jax.random.normal(keys[2], (m, n), jnp.bfloat16)
-    gs_np = group_sizes(m, g)
+    gs_np = group_sizes(m, g, kind=args.sizes)
     gs = jnp.asarray(gs_np)
     dw_dims = jax.lax.RaggedDotDimensionNumbers(
         dot_dimension_numbers=(((0,), (0,)), ((), ())),
@@ -232,7 +240,7 @@ def main(argv=None) -> None:
             got = {r["impl"]: r for r in rows if r["shape"] == spec and r["pass"] == pass_}
             cells = " ".join(f"{got[i]['tflops']:10.0f}" if i in got else f"{'-':>10s}"
                              for i in args.impls.split(","))
-            work = row_work(group_sizes(m, g), 64 if pass_ == "dw" else 128)
+            work = row_work(group_sizes(m, g, kind=args.sizes), 64 if pass_ == "dw" else 128)
             print(f"{spec:22s} {pass_:4s} {cells}  {ratio(got, 'pallas', 'mgpu')}  "
                   f"{ratio(got, 'pallas', 'einsum')}  {work:8.3f}")
     print("row work: rows our default tiles multiply per row (1/row work bounds ours/einsum "
