@@ -45,3 +45,20 @@ def test_row_maps_script(tmp_path):
         (m, p) for m in ("dispatch", "items")
         for p in ("expand", "reduce", "expand bwd", "reduce bwd")}
     assert all(r["max_diff"] < 1e-2 for r in rows)  # XLA gathers and kernels agree
+
+
+def test_expert_matmul_group_sizes_and_row_work():
+    import expert_matmul
+    import numpy as np
+
+    skewed = expert_matmul.group_sizes(16384, 64)
+    assert skewed.sum() == 16384 and skewed.min() >= 0 and skewed.max() > 2 * 16384 // 64
+    equal = expert_matmul.group_sizes(16384, 64, kind="equal")
+    np.testing.assert_array_equal(equal, np.full(64, 256))
+    # Row work counts each group's tiles from its first row: equal 256-row groups fill 128-row
+    # tiles exactly; a group of s rows needs ceil(s / 128) tiles when it starts on the grid.
+    assert expert_matmul.row_work(equal, 128) == 1.0
+    assert expert_matmul.row_work(np.array([100, 28]), 128) == 2.0
+    assert expert_matmul.row_work(skewed, 128) > expert_matmul.row_work(skewed, 64) > 1.0
+    with pytest.raises(ValueError, match="divisible"):
+        expert_matmul.group_sizes(100, 64, kind="equal")
