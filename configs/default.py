@@ -8,7 +8,8 @@ from ml_collections import config_dict
 
 
 def moe_defaults() -> config_dict.ConfigDict:
-    """Fields of `oj.MoEConfig` (d_model and the compute dtype come from `model`)."""
+    """Every field of `oj.MoEConfig` but d_model and the compute dtype (from `model`) and
+    expert_axis (train.py's mesh names its axes "data" and "expert")."""
     return config_dict.ConfigDict({
         "num_experts": 8,
         "top_k": 2,
@@ -17,16 +18,20 @@ def moe_defaults() -> config_dict.ConfigDict:
         "transport": "dense",  # dense | ragged
         "score_fn": "softmax",
         "renormalize": True,
+        "routed_scaling_factor": 1.0,
+        "num_expert_groups": 0,  # group-limited top-k (DeepSeek-V2); 0: off
+        "topk_groups": 0,
         "capacity_factor": config_dict.placeholder(float),  # None: dropless
         "num_shared_experts": 0,
         "shared_d_ff": 0,  # 0: d_ff
         "shared_expert_gate": False,
         "expert_matmul": "auto",
         "precombine": "rows",  # rows | epilogue (less memory; needs expert_matmul="pallas")
+        "max_devices_per_token": config_dict.placeholder(int),  # pruning cap; None: no cap
+        "prune_rule": "score",  # score | group_score | similarity
         "param_dtype": "float32",
         "aux_loss_weight": 0.01,
         "z_loss_weight": 0.001,
-        "expert_axis": "expert",
     })
 
 

@@ -10,7 +10,8 @@ import dataclasses
 import os
 from typing import Any
 
-from occult_jax.config import MoEConfig
+from occult_jax.config import MoEConfig, validate_for_mesh
+from occult_jax.mesh import DATA, EXPERT
 from occult_jax.model import ModelConfig
 
 
@@ -114,8 +115,10 @@ def mesh_shape(config: Any, num_devices: int) -> tuple[int, int]:
     return expert, data
 
 
-def validate(config: Any, num_devices: int) -> tuple[ModelConfig, MoEConfig, tuple[int, int]]:
-    """Every check that needs no data and no compilation; one-line ValueErrors."""
+def validate(config: Any, num_devices: int, platform: str = "cpu"
+             ) -> tuple[ModelConfig, MoEConfig, tuple[int, int]]:
+    """Every check that needs no data and no compilation, the MoE layer's mesh checks
+    (`config.validate_for_mesh`) included; one-line ConfigErrors."""
     _require(bool(config.workdir), "workdir is empty; set --config.workdir.")
     for name in ("steps", "batch_size", "seq_len", "log_every"):
         value = config[name]
@@ -123,6 +126,9 @@ def validate(config: Any, num_devices: int) -> tuple[ModelConfig, MoEConfig, tup
                                                       "integer.")
     for name in ("eval_every", "checkpoint_every", "eval_batches"):
         _require(config[name] >= 0, f"{name}={config[name]} must be >= 0 (0 turns it off).")
+    _require(not config.eval_every or config.eval_batches >= 1,
+             f"eval_batches={config.eval_batches} evaluates nothing every {config.eval_every} "
+             "steps; set eval_batches >= 1 or eval_every=0.")
     _require(config.keep_checkpoints >= 1, f"keep_checkpoints={config.keep_checkpoints} must "
                                            "be >= 1.")
     _require(config.calibration_batches >= 1,
@@ -154,6 +160,14 @@ def validate(config: Any, num_devices: int) -> tuple[ModelConfig, MoEConfig, tup
         _require(moe_cfg.num_experts % expert == 0,
                  f"moe.num_experts={moe_cfg.num_experts} is not divisible by mesh.expert="
                  f"{expert}; use a multiple of {expert} experts or a smaller expert axis.")
+        _require(moe_cfg.expert_axis == EXPERT,
+                 f"moe.expert_axis={moe_cfg.expert_axis!r}: train.py's mesh names its expert "
+                 f"axis {EXPERT!r}; drop the field.")
+        try:
+            validate_for_mesh(moe_cfg, (DATA, EXPERT), expert, devices,
+                              config.batch_size * config.seq_len, platform)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
     _require(0 < config.data.val_fraction < 1, f"data.val_fraction={config.data.val_fraction} "
                                                "must be in (0, 1).")
     _require(config.data.max_bytes > 0, f"data.max_bytes={config.data.max_bytes} must be > 0.")

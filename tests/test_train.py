@@ -10,6 +10,7 @@ import pytest
 from conftest import mesh_or_skip
 
 from occult_jax import frontends, metrics, run_config, train_lib
+from occult_jax.config import MoEConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = os.path.join(ROOT, "configs")
@@ -108,6 +109,28 @@ def test_gin_and_config_flags_agree():
     assert by_flags.to_dict() == small.to_dict()
 
 
+def test_default_config_covers_every_option():
+    import dataclasses
+
+    default = frontends.load_config(os.path.join(CONFIGS, "default.py"))
+    # every MoEConfig field but those train.py fills in (d_model, dtype from `model`; its mesh
+    # names the expert axis) can be set from the command line
+    fields = {f.name for f in dataclasses.fields(MoEConfig)}
+    assert set(default.moe.keys()) == fields - {"d_model", "dtype", "expert_axis"}
+    # default.gin binds every field of the default config, with the default's values
+    with open(os.path.join(CONFIGS, "default.gin")) as f:
+        text = f.read()
+    assert text[text.index("\nconfig.") + 1:] == frontends.to_gin(default)
+    # the README's pruning fine-tune flags reach the layer's config
+    flagged = _flag_config(["--config.moe.max_devices_per_token=1",
+                            "--config.moe.prune_rule=similarity",
+                            "--config.moe.routed_scaling_factor=2.5"])
+    moe = run_config.moe_config(flagged)
+    assert (moe.max_devices_per_token, moe.prune_rule, moe.routed_scaling_factor) == (
+        1, "similarity", 2.5)
+    assert run_config.moe_config(default).max_devices_per_token is None
+
+
 @pytest.mark.parametrize("binding,match", [
     ("moe.topk=4", "no field 'moe.topk'"),
     ("nothing.x=1", "No configurable matching 'nothing'"),
@@ -135,6 +158,11 @@ def test_gin_errors_are_one_line(binding, match):
     ({"optim.lr": -1.0}, "optim.lr=-1.0 must be > 0"),
     ({"data.val_fraction": 1.0}, "val_fraction=1.0 must be in"),
     ({"init_from": "/no/such/run"}, "init_from="),
+    ({"eval_every": 2, "eval_batches": 0}, "eval_batches=0 evaluates nothing"),
+    # the MoE layer's mesh checks, before the layer is built
+    ({"moe.transport": "pallas"}, "runs on GPU meshes only"),
+    ({"moe.max_devices_per_token": 1, "moe.top_k": 4}, "max_devices_per_token=1 devices hold"),
+    ({"moe.expert_axis": "ep"}, "names its expert axis 'expert'"),
 ])
 def test_bad_config_values_fail_before_compiling(tmp_path, changes, match):
     mesh_or_skip(expert=4, data=2)
