@@ -20,18 +20,26 @@ import tqdm
 MOE_KEYS = ("ct", "wire_bytes", "dropped", "imbalance", "aux_loss", "z_loss")
 
 
-def summarize_moe(stats: dict[str, Any]) -> dict[str, list[float]]:
-    """Stacked per-layer MoE stats ([L, ...] arrays) → per-layer lists of plain floats.
+def summarize_moe(stats: dict[str, Any] | list[dict[str, Any]]) -> dict[str, list[float]]:
+    """Stacked per-layer MoE stats ([L, ...] arrays) of one step, or a list of them (the steps
+    of one logging window) → per-layer lists of plain floats.
 
-    imbalance is max/mean of the expert load (1.0 is perfect balance).
+    Over a window `dropped` is the total (no overflow goes unreported); the other values are
+    means over the steps. imbalance is max/mean of the expert load (1.0 is perfect balance).
     """
-    if not stats:
+    steps = stats if isinstance(stats, list) else [stats]
+    if not steps or not steps[0]:
         return {}
-    load = np.asarray(stats["expert_load"], np.float64)  # [L, E]
-    mean = np.maximum(load.mean(axis=-1), 1e-9)
-    out = {"imbalance": (load.max(axis=-1) / mean).tolist()}
-    for key in ("ct", "wire_bytes", "dropped", "aux_loss", "z_loss"):
-        out[key] = np.asarray(stats[key], np.float64).reshape(-1).tolist()
+
+    def per_step(key):
+        return np.stack([np.asarray(s[key], np.float64).reshape(-1) for s in steps])
+
+    load = np.stack([np.asarray(s["expert_load"], np.float64) for s in steps])  # [S, L, E]
+    imbalance = load.max(axis=-1) / np.maximum(load.mean(axis=-1), 1e-9)
+    out = {"imbalance": imbalance.mean(axis=0).tolist(),
+           "dropped": per_step("dropped").sum(axis=0).tolist()}
+    for key in ("ct", "wire_bytes", "aux_loss", "z_loss"):
+        out[key] = per_step(key).mean(axis=0).tolist()
     return out
 
 

@@ -272,11 +272,13 @@ def _needs_calibration(run: Run) -> bool:
 
 
 def _scalar_metrics(step_metrics: list[dict]) -> dict[str, Any]:
+    """One logged record of a window of steps: loss, total_loss and grad_norm of its last
+    step, loss_avg and the MoE values over all of them (`dropped` summed)."""
     last = step_metrics[-1]
     out = {"loss": float(last["loss"]), "total_loss": float(last["total_loss"]),
            "grad_norm": float(last["grad_norm"]),
            "loss_avg": float(np.mean([float(m["loss"]) for m in step_metrics]))}
-    out.update(metrics_lib.summarize_moe(last["moe"]))
+    out.update(metrics_lib.summarize_moe([m["moe"] for m in step_metrics]))
     return out
 
 

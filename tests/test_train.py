@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 from conftest import mesh_or_skip
 
@@ -107,6 +108,28 @@ def test_gin_and_config_flags_agree():
     assert by_gin.moe.top_k == 4 and default.moe.top_k == 2  # the base is not modified
     by_flags = _flag_config([f"--config={os.path.join(CONFIGS, 'olmoe_1b7b.py')}:small"])
     assert by_flags.to_dict() == small.to_dict()
+
+
+def test_logged_moe_stats_cover_every_step_of_the_window():
+    rng = np.random.default_rng()
+    layers, experts = 2, 8
+    window = [{"loss": rng.random(), "total_loss": rng.random(), "grad_norm": rng.random(),
+               "moe": {"expert_load": rng.integers(1, 100, (layers, experts)),
+                       "dropped": rng.integers(0, 50, layers),
+                       **{k: rng.random(layers) for k in ("ct", "wire_bytes", "aux_loss",
+                                                          "z_loss")}}}
+              for _ in range(5)]
+    window[-1]["moe"]["dropped"] = np.zeros(layers, np.int64)  # overflow earlier in the window
+    got = train_lib._scalar_metrics(window)
+    stats = [w["moe"] for w in window]
+    np.testing.assert_allclose(got["dropped"], sum(s["dropped"] for s in stats))
+    assert min(got["dropped"]) > 0
+    np.testing.assert_allclose(got["ct"], np.mean([s["ct"] for s in stats], axis=0))
+    load = np.array([s["expert_load"] for s in stats], np.float64)
+    np.testing.assert_allclose(got["imbalance"],
+                               (load.max(-1) / load.mean(-1)).mean(axis=0))
+    assert got["loss"] == window[-1]["loss"]
+    assert got["loss_avg"] == pytest.approx(np.mean([w["loss"] for w in window]))
 
 
 def test_default_config_covers_every_option():
