@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 
 DISPATCHES = ("reference", "standard", "occult")
 TRANSPORTS = ("dense", "ragged", "pallas")
@@ -83,6 +84,10 @@ def _require(ok: bool, message: str) -> None:
         raise ValueError(message)
 
 
+def _is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
 def _one_of(name: str, value: str, choices: tuple[str, ...]) -> None:
     _require(value in choices, f"MoEConfig.{name}={value!r} is unknown; use one of {choices}.")
 
@@ -91,7 +96,7 @@ def validate(cfg: MoEConfig) -> None:
     """Checks values that need no mesh or input; raises ValueError with what to change."""
     for name in ("num_experts", "top_k", "d_model", "d_ff"):
         value = getattr(cfg, name)
-        _require(isinstance(value, int) and value >= 1,
+        _require(_is_int(value) and value >= 1,
                  f"MoEConfig.{name}={value!r} must be a positive integer.")
     _require(cfg.top_k <= cfg.num_experts,
              f"MoEConfig.top_k={cfg.top_k} exceeds num_experts={cfg.num_experts}; "
@@ -119,11 +124,17 @@ def validate(cfg: MoEConfig) -> None:
              "or None for no cap.")
     _one_of("dtype", cfg.dtype, DTYPES)
     _one_of("param_dtype", cfg.param_dtype, DTYPES)
-    _require(cfg.capacity_factor is None or cfg.capacity_factor > 0,
-             f"MoEConfig.capacity_factor={cfg.capacity_factor!r} must be > 0, "
+    _require(cfg.capacity_factor is None or 0 < cfg.capacity_factor < math.inf,
+             f"MoEConfig.capacity_factor={cfg.capacity_factor!r} must be a finite number > 0, "
              "or None for dropless.")
-    _require(cfg.num_shared_experts >= 0,
-             f"MoEConfig.num_shared_experts={cfg.num_shared_experts} must be >= 0.")
+    _require(_is_int(cfg.num_shared_experts) and cfg.num_shared_experts >= 0,
+             f"MoEConfig.num_shared_experts={cfg.num_shared_experts!r} must be an integer >= 0.")
+    _require(cfg.shared_d_ff is None or (_is_int(cfg.shared_d_ff) and cfg.shared_d_ff >= 1),
+             f"MoEConfig.shared_d_ff={cfg.shared_d_ff!r} must be a positive integer, or None "
+             "for d_ff.")
+    _require(cfg.num_shared_experts or (cfg.shared_d_ff is None and not cfg.shared_expert_gate),
+             "MoEConfig.shared_d_ff and shared_expert_gate configure shared experts; set "
+             "num_shared_experts >= 1 or leave them unset.")
     _require(cfg.routed_scaling_factor > 0,
              f"MoEConfig.routed_scaling_factor={cfg.routed_scaling_factor} must be > 0.")
     _validate_groups(cfg)

@@ -15,7 +15,12 @@ import occult_jax as oj
     ({"top_k": 9}, "top_k=9 exceeds num_experts=8"),
     ({"dispatch": "fast"}, "dispatch='fast' is unknown"),
     ({"transport": "nvlink"}, "transport='nvlink' is unknown"),
-    ({"capacity_factor": 0.0}, "capacity_factor=0.0 must be > 0"),
+    ({"capacity_factor": 0.0}, "capacity_factor=0.0 must be a finite number > 0"),
+    ({"capacity_factor": float("inf")}, "capacity_factor=inf must be a finite number"),
+    ({"num_experts": True}, "num_experts=True must be a positive integer"),
+    ({"num_shared_experts": 1, "shared_d_ff": -8}, "shared_d_ff=-8 must be a positive integer"),
+    ({"shared_d_ff": 64}, "set num_shared_experts >= 1"),
+    ({"shared_expert_gate": True}, "set num_shared_experts >= 1"),
     ({"num_experts": 0}, "num_experts=0 must be a positive integer"),
     ({"expert_matmul": "cublas"}, "expert_matmul='cublas' is unknown"),
     ({"precombine": "sum"}, "precombine='sum' is unknown"),
@@ -28,6 +33,11 @@ def test_bad_config_values(changes, needle):
     with pytest.raises(ValueError, match=needle) as info:
         oj.MoEConfig(**changes)
     assert "\n" not in str(info.value)
+
+
+def test_numpy_integers_are_integers():
+    cfg = oj.MoEConfig(num_experts=np.int64(8), top_k=np.int32(2))
+    assert cfg.top_k == 2 and cfg.num_experts == 8
 
 
 def test_experts_not_divisible_by_expert_axis():

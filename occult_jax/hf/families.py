@@ -255,8 +255,9 @@ def _deepseek_v2(config: dict) -> tuple[dict, dict | None]:
     moe = {**_experts(config, num_experts), "d_ff": config["moe_intermediate_size"],
            "renormalize": False,
            "routed_scaling_factor": float(_get(config, "routed_scaling_factor", 1.0)),
-           "num_shared_experts": _get(config, "n_shared_experts", 0),
-           "shared_d_ff": config["moe_intermediate_size"]}
+           "num_shared_experts": _get(config, "n_shared_experts", 0)}
+    if moe["num_shared_experts"]:
+        moe["shared_d_ff"] = config["moe_intermediate_size"]
     if method == "group_limited_greedy":
         groups, keep = config.get("n_group"), config.get("topk_group")
         if not (isinstance(groups, int) and isinstance(keep, int) and groups >= 1
