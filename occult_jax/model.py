@@ -330,7 +330,8 @@ class Transformer(nnx.Module):
     """`model(tokens)` with tokens int [batch, seq] → (logits float32 [batch, seq, vocab], stats).
 
     stats: the MoE layers' stats stacked along a leading [num_moe_layers] axis (empty dict when
-    the model has no MoE layer).
+    the model has no MoE layer). `moe` configures every MoE layer; its d_model and dtype are
+    replaced by the model's (`cfg.d_model`, `cfg.dtype`).
     """
 
     def __init__(self, cfg: ModelConfig, moe: MoEConfig | None = None, *,

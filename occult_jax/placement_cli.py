@@ -62,15 +62,16 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as err:
         parser.error(str(err))
 
-    e, k = mats[0].shape[0], 2 if trace is None else trace.shape[1]
+    e = mats[0].shape[0]
     print(f"C_T (mean distinct devices per token): {e} experts on {args.devices} devices, "
           f"{e // args.devices} each.")
-    if trace is None:
+    if trace is None:  # the matrix does not say the routing's k: no bound to print
         print("From co-activation matrices: C_T = 1 + cut fraction, exact for top-2 routing "
               "(a pairwise proxy for top-k > 2).")
     else:
-        print(f"Exact C_T over all {trace.shape[0]} tokens of the trace (top-{k}).")
-    print(f"Lower bound ceil(k·N/E) for top-{k}: {lower_bound(e, k, args.devices)}")
+        k = trace.shape[1]
+        print(f"Exact C_T over all {trace.shape[0]} tokens of the trace (top-{k}); lower bound "
+              f"ceil(k·N/E) = {lower_bound(e, k, args.devices)}.")
     print(f"{'layer':>6}" + "".join(f"{meth:>10}" for meth in METHODS))
     for i, row in enumerate(rows):
         print(f"{i:>6}" + "".join(f"{v:>10.4f}" for v in row))

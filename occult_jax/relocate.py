@@ -89,6 +89,9 @@ def apply_placement(model_state: Any, placements: Mapping[tuple, Any], *others: 
         layer = _layer_of_placement(_keys(path))
         if layer is not None:
             current[layer] = leaf
+    if placements and not current:
+        raise ValueError("model_state holds no MoE layer's `placement` map; pass the whole "
+                         "nnx.state(model) (placement maps are not nnx.Params).")
     _check(placements, {layer: leaf.shape[0] for layer, leaf in current.items()})
     perms, maps = {}, {}
     for layer, new in placements.items():

@@ -269,6 +269,8 @@ def test_cli_on_trace(tmp_path, capsys):
     best = np.load(tmp_path / "maps.npy")
     assert float(row[3]) == pytest.approx(_ct_loop(trace, best), abs=1e-4)
     assert "Exact C_T" in text and _balanced(best, 4)
+    bound = pl.lower_bound(16, trace.shape[1], 4)
+    assert f"top-{trace.shape[1]}); lower bound ceil(k·N/E) = {bound}." in text
     with pytest.raises(SystemExit):
         cli_main([str(tmp_path / "trace.npy"), "--devices", "3"])
     assert "divide" in capsys.readouterr().err

@@ -123,6 +123,8 @@ def test_bad_placements():
         oj.apply_placement(state, {("third",): np.arange(4)})
     with pytest.raises(ValueError, match="must be a permutation"):
         oj.apply_placement(state, {("first",): np.array([0, 0, 1, 2])})
+    with pytest.raises(ValueError, match="pass the whole nnx"):  # Params only
+        oj.apply_placement(nnx.state(model, nnx.Param), {("first",): np.arange(4)})
     with pytest.raises(ValueError, match="every device must hold 2 experts"):
         oj.slots_from_devices([0, 0, 0, 1], 2)
 
