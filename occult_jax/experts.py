@@ -74,7 +74,9 @@ def _einsum_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array) -> jax.Ar
 def grouped_matmul(x: jax.Array, w: jax.Array, groups: ExpertPlan, backend: str) -> jax.Array:
     """x [M, K] rows laid out group after group (see ExpertPlan), w [G, K, N] → [M, N].
 
-    Rows past the groups give zeros.
+    Rows past the groups give zeros. Padding rows inside a group (the blocked layout aligns
+    groups to blocks) are multiplied like the group's own, so they must be zero, as
+    `expand_rows` leaves them.
     """
     if backend == "ragged_dot":
         return jax.lax.ragged_dot(x, w, groups.group_sizes)

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kernels.swiglu import swiglu
+from kernels.swiglu import ROWS, swiglu
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
@@ -94,6 +94,9 @@ def test_swiglu_without_fill_tail_matches_on_live_rows():
         out, pullback = jax.vjp(lambda g, fill=fill: swiglu(g, live, fill_tail=fill,
                                                             interpret=True), gate_up)
         outs.append((np.asarray(out), np.asarray(pullback(d_hidden)[0])))
+    tail = -(-live // ROWS) * ROWS  # the first row of the tiles wholly past live
     for full, lean in zip(*outs, strict=True):
         np.testing.assert_array_equal(lean[:live], full[:live])
         assert np.isfinite(full[:live]).all()
+        # fill_tail=True writes zeros there without reading the (NaN) rows
+        assert np.all(full[tail:] == 0)
