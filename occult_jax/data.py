@@ -161,10 +161,18 @@ def batch_offsets(num_tokens: int, seed: int, step: int, batch_size: int,
     return rng.integers(0, num_tokens - seq_len, size=batch_size)
 
 
-def windows(tokens: np.ndarray, offsets: np.ndarray, seq_len: int) -> np.ndarray:
-    """[len(offsets), seq_len + 1] int32 windows (inputs are [:, :-1], targets [:, 1:])."""
-    rows = [np.asarray(tokens[o:o + seq_len + 1]) for o in offsets]
-    return np.stack(rows).astype(np.int32)
+def windows(tokens: np.ndarray, offsets: np.ndarray, seq_len: int,
+            vocab_size: int | None = None) -> np.ndarray:
+    """[len(offsets), seq_len + 1] int32 windows (inputs are [:, :-1], targets [:, 1:]).
+
+    vocab_size: ids at or above it raise (loading scans only a huge file's first tokens)."""
+    out = np.stack([np.asarray(tokens[o:o + seq_len + 1]) for o in offsets]).astype(np.int32)
+    if vocab_size is not None and out.size and int(out.max()) >= vocab_size:
+        row, col = np.unravel_index(int(np.argmax(out)), out.shape)
+        raise ValueError(f"token id {int(out.max())} at position {int(offsets[row]) + col} of "
+                         f"the data is outside model.vocab_size={vocab_size}; fix the data or "
+                         "raise model.vocab_size.")
+    return out
 
 
 def batch_at(tokens: np.ndarray, seed: int, step: int, batch_size: int, seq_len: int,

@@ -51,7 +51,8 @@ def evaluate(config: Any, params_from: str) -> dict[str, Any]:
     corpus, seq_len = run.corpus, config.seq_len
 
     def batches(tokens, offsets_list):
-        return [train_lib.global_batch(tokens, o, seq_len, shard) for o in offsets_list]
+        return [train_lib.global_batch(tokens, o, seq_len, shard, model.cfg.vocab_size)
+                for o in offsets_list]
 
     if cap_of(config) and config.moe.prune_rule == "similarity" and not \
             calibration.is_calibrated(model):

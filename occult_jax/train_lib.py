@@ -172,11 +172,13 @@ class StopSignal:
 
 
 def global_batch(tokens: np.ndarray, offsets: np.ndarray, seq_len: int,
-                 sharding: NamedSharding) -> jax.Array:
-    """A [batch, seq_len + 1] array on `sharding`; each host reads only its own rows."""
+                 sharding: NamedSharding, vocab_size: int | None = None) -> jax.Array:
+    """A [batch, seq_len + 1] array on `sharding`; each host reads only its own rows (and
+    checks their ids against vocab_size)."""
     shape = (len(offsets), seq_len + 1)
     return jax.make_array_from_callback(
-        shape, sharding, lambda index: data_lib.windows(tokens, offsets[index[0]], seq_len))
+        shape, sharding,
+        lambda index: data_lib.windows(tokens, offsets[index[0]], seq_len, vocab_size))
 
 
 def _config_json(config: Any) -> str:
@@ -314,7 +316,8 @@ def train_and_evaluate(config: Any, workdir: str | None = None, *,
         writer.print(note)
 
     corpus, seq_len = run.corpus, config.seq_len
-    val_batches = [global_batch(corpus.validation, offsets, seq_len, batch_shard)
+    vocab = run.model.cfg.vocab_size
+    val_batches = [global_batch(corpus.validation, offsets, seq_len, batch_shard, vocab)
                    for offsets in data_lib.eval_offsets(
                        len(corpus.validation), config.eval_batches if config.eval_every else 0,
                        config.batch_size, seq_len)]
@@ -322,7 +325,7 @@ def train_and_evaluate(config: Any, workdir: str | None = None, *,
     def batch(step: int) -> jax.Array:
         offsets = data_lib.batch_offsets(len(corpus.train), config.seed, step,
                                          config.batch_size, seq_len)
-        return global_batch(corpus.train, offsets, seq_len, batch_shard)
+        return global_batch(corpus.train, offsets, seq_len, batch_shard, vocab)
 
     def evaluate(params) -> float:
         return float(np.mean([float(eval_step(params, b)) for b in val_batches]))

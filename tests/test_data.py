@@ -107,3 +107,15 @@ def test_errors(tmp_path):
     corpus = data.load_corpus(str(tmp_path / "short.txt"))
     with pytest.raises(ValueError, match="fewer than seq_len"):
         data.check_fits(corpus, seq_len=128, vocab_size=256)
+
+
+def test_windows_refuse_ids_outside_the_vocabulary():
+    rng = np.random.default_rng()
+    tokens = rng.integers(0, 100, 5_000).astype(np.uint16)
+    offsets = np.array([10, 2_000, 4_000])
+    np.testing.assert_array_equal(data.windows(tokens, offsets, 8, vocab_size=100),
+                                  data.windows(tokens, offsets, 8))
+    bad = int(rng.integers(2_000, 2_009))  # inside the second window
+    tokens[bad] = 100
+    with pytest.raises(ValueError, match=f"token id 100 at position {bad} .*model.vocab_size=100"):
+        data.windows(tokens, offsets, 8, vocab_size=100)
