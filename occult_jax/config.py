@@ -160,9 +160,10 @@ def _validate_groups(cfg: MoEConfig) -> None:
 
 def validate_for_mesh(cfg: MoEConfig, axis_names: tuple[str, ...], expert_axis_size: int,
                       num_devices: int, num_tokens: int, platform: str = "cpu",
-                      expert_axis_hosts: int = 1) -> None:
+                      expert_axis_hosts: int = 1, gpu_capability: str = "") -> None:
     """Checks that need the mesh and the input; called before anything is traced or compiled.
-    `expert_axis_hosts`: most processes that one group of devices along the expert axis spans."""
+    `expert_axis_hosts`: most processes that one group of devices along the expert axis spans;
+    `gpu_capability`: the GPUs' compute capability ("9.0"), "" if unknown."""
     pallas = cfg.transport == "pallas" and cfg.dispatch != "reference"
     _require(not pallas or platform == "gpu",
              f"MoEConfig.transport='pallas' writes into peer GPUs over NVLink and runs on GPU "
@@ -171,6 +172,10 @@ def validate_for_mesh(cfg: MoEConfig, axis_names: tuple[str, ...], expert_axis_s
              f"MoEConfig.transport='pallas' needs each expert-axis group on one host (NVLink); "
              f"this mesh's expert axis spans {expert_axis_hosts} processes. Use 'dense' or "
              f"'ragged', or put the expert axis inside a host.")
+    hopper = gpu_capability.split(".")[0] in ("", "9")
+    _require(cfg.expert_matmul != "pallas" or platform != "gpu" or hopper,
+             f"MoEConfig.expert_matmul='pallas' runs Hopper (sm_90) kernels; these GPUs are "
+             f"sm_{gpu_capability.replace('.', '')}; use 'auto'.")
     _require(cfg.expert_matmul != "fused" or platform in ("gpu", "cpu"),
              f"MoEConfig.expert_matmul='fused' runs on GPUs (interpreted on CPU), not on "
              f"{platform}; use 'auto'.")

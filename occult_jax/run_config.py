@@ -115,7 +115,7 @@ def mesh_shape(config: Any, num_devices: int) -> tuple[int, int]:
     return expert, data
 
 
-def validate(config: Any, num_devices: int, platform: str = "cpu"
+def validate(config: Any, num_devices: int, platform: str = "cpu", gpu_capability: str = ""
              ) -> tuple[ModelConfig, MoEConfig, tuple[int, int]]:
     """Every check that needs no data and no compilation, the MoE layer's mesh checks
     (`config.validate_for_mesh`) included; one-line ConfigErrors."""
@@ -165,7 +165,8 @@ def validate(config: Any, num_devices: int, platform: str = "cpu"
                  f"axis {EXPERT!r}; drop the field.")
         try:
             validate_for_mesh(moe_cfg, (DATA, EXPERT), expert, devices,
-                              config.batch_size * config.seq_len, platform)
+                              config.batch_size * config.seq_len, platform,
+                              gpu_capability=gpu_capability)
         except ValueError as e:
             raise ConfigError(str(e)) from None
     _require(0 < config.data.val_fraction < 1, f"data.val_fraction={config.data.val_fraction} "

@@ -211,8 +211,9 @@ def setup(config: Any, workdir: str) -> Run:
     Config problems surface here as one-line `ConfigError`s, before anything is compiled.
     """
     devices = jax.devices()
-    model_cfg, moe_cfg, (n_expert, n_data) = run_config.validate(config, len(devices),
-                                                                 devices[0].platform)
+    model_cfg, moe_cfg, (n_expert, n_data) = run_config.validate(
+        config, len(devices), devices[0].platform,
+        str(getattr(devices[0], "compute_capability", "") or ""))
     try:
         corpus = data_lib.load_corpus(config.data.path, config.data.max_bytes,
                                       config.data.val_fraction, config.data.bin_dtype)

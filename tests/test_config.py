@@ -1,5 +1,7 @@
 """Bad input gets a one-line error that says what to change, before anything compiles."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -75,3 +77,15 @@ def test_expert_parallel_dispatch_needs_mesh():
 def test_make_mesh_too_large():
     with pytest.raises(ValueError, match=r"needs .* devices"):
         oj.make_mesh(expert=jax.device_count(), data=2)
+
+
+def test_pallas_expert_matmul_needs_hopper():
+    cfg = oj.MoEConfig(d_model=128, d_ff=128, expert_matmul="pallas")
+    check = functools.partial(oj.config.validate_for_mesh, cfg, ("expert",), 2, 2, 2, "gpu")
+    with pytest.raises(ValueError, match="Hopper \\(sm_90\\) kernels; these GPUs are sm_80"):
+        check(gpu_capability="8.0")
+    check(gpu_capability="9.0")
+    check(gpu_capability="")  # unknown: left to the kernels
+    oj.config.validate_for_mesh(cfg, ("expert",), 2, 2, 2, "cpu")  # interpreted on CPU
+    oj.config.validate_for_mesh(cfg.replace(expert_matmul="auto"), ("expert",), 2, 2, 2, "gpu",
+                                gpu_capability="8.0")
