@@ -150,6 +150,9 @@ def _move(words, kind, axis_name, send_counts, recv_counts):
     if kind == "dense":
         return jax.lax.all_to_all(words, axis_name, 0, 0, tiled=True)
     num = send_counts.shape[0]
+    if num == 1:  # one device on the axis: its own block, counted rows kept, the rest zeros
+        kept = jnp.arange(words.shape[0])[:, None] < send_counts[0]
+        return jnp.where(kept, words, jnp.zeros_like(words))
     if kind == "pallas":
         from kernels.nvlink_exchange import exchange_rows
 

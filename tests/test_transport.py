@@ -55,10 +55,11 @@ def test_ragged_emulation_matches_spec():
     np.testing.assert_array_equal(np.asarray(got), expected)
 
 
-@pytest.mark.parametrize("n", [2, 4])
+@pytest.mark.parametrize("n", [1, 2, 4])
 @pytest.mark.parametrize("kind", ["dense", "ragged"])
 def test_exchange_moves_blocks_and_gradients(kind, n):
-    """On GPUs the ragged case runs the real `jax.lax.ragged_all_to_all`."""
+    """On GPUs the ragged case runs the real `jax.lax.ragged_all_to_all` (n = 1: no
+    collective, the one block kept as a ragged exchange would leave it)."""
     cap, width = 3, 5
     mesh = mesh_or_skip(n)
     rng = np.random.default_rng(2)
@@ -84,6 +85,7 @@ def test_exchange_moves_blocks_and_gradients(kind, n):
             c = counts[src, dst] if kind == "ragged" else cap
             got = y[dst, src * cap: src * cap + c]
             np.testing.assert_array_equal(got, rows[src, dst * cap: dst * cap + c])
+            assert np.all(y[dst, src * cap + c: (src + 1) * cap] == 0)  # ragged: zero tail
             np.testing.assert_array_equal(j[dst, src * cap: src * cap + c],
                                           ids[src, dst * cap: dst * cap + c])
             # backward: the cotangent of what dst received from src flows back to src
