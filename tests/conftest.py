@@ -12,6 +12,14 @@ import pytest  # noqa: E402
 jax.config.update("jax_default_matmul_precision", "highest")
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+    """Drop JAX's compiled programs after each test module: one pytest process runs the whole
+    suite, and without this its memory grows past a 24 GiB CI machine's."""
+    yield
+    jax.clear_caches()
+
+
 def mesh_or_skip(expert: int, data: int = 1):
     """oj.make_mesh(expert, data), or skip when fewer devices are present."""
     import occult_jax as oj
