@@ -20,14 +20,13 @@ import tqdm
 MOE_KEYS = ("ct", "wire_bytes", "dropped", "imbalance", "aux_loss", "z_loss")
 
 
-def summarize_moe(stats: dict[str, Any] | list[dict[str, Any]]) -> dict[str, list[float]]:
-    """Stacked per-layer MoE stats ([L, ...] arrays) of one step, or a list of them (the steps
-    of one logging window) → per-layer lists of plain floats.
+def summarize_moe(steps: list[dict[str, Any]]) -> dict[str, list[float]]:
+    """Stacked per-layer MoE stats ([L, ...] arrays) of each step of a logging window →
+    per-layer lists of plain floats.
 
-    Over a window `dropped` is the total (no overflow goes unreported); the other values are
-    means over the steps. imbalance is max/mean of the expert load (1.0 is perfect balance).
+    `dropped` is the window's total (no overflow goes unreported); the other values are means
+    over its steps. imbalance is max/mean of the expert load (1.0 is perfect balance).
     """
-    steps = stats if isinstance(stats, list) else [stats]
     if not steps or not steps[0]:
         return {}
 
