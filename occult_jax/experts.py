@@ -7,6 +7,7 @@ import jax.numpy as jnp
 
 from occult_jax.blocked_gmm import blocked_gmm
 from occult_jax.config import PRECOMBINES, pallas_fits
+from occult_jax.mesh import compute_capability
 from occult_jax.plan import ExpertPlan
 from occult_jax.row_maps import expand_rows, reduce_rows
 
@@ -21,9 +22,8 @@ BLOCKED_CHUNK = 8  # blocks per batched product (one loop step) of the "blocked"
 
 
 def _hopper_gpu() -> bool:
-    device = jax.devices()[0]
-    capability = str(getattr(device, "compute_capability", ""))
-    return device.platform == "gpu" and capability.split(".")[0] == "9"  # wgmma: sm_90 only
+    device = jax.devices()[0]  # wgmma: sm_90 only
+    return device.platform == "gpu" and compute_capability(device).split(".")[0] == "9"
 
 
 def resolve_backend(name: str, d_model: int, d_ff: int, dtype: str = "bfloat16") -> str:

@@ -10,6 +10,11 @@ EXPERT = "expert"
 DATA = "data"
 
 
+def compute_capability(device) -> str:
+    """A GPU's compute capability ("9.0" on Hopper); "" for other devices."""
+    return str(getattr(device, "compute_capability", "") or "")
+
+
 def make_mesh(expert: int | None = None, data: int = 1, devices=None) -> Mesh:
     """A ("data", "expert") mesh with Auto axes, so shard_map in_specs are real shardings.
 

@@ -46,9 +46,8 @@ def _mesh_facts(cfg: MoEConfig, mesh: Mesh) -> dict:
     names = list(mesh.axis_names)
     hosts = (expert_axis_hosts(mesh.devices, names.index(cfg.expert_axis))
              if cfg.expert_axis in names else 1)
-    capability = str(getattr(mesh.devices.flat[0], "compute_capability", "") or "")
     return {"platform": _platform(mesh), "expert_axis_hosts": hosts,
-            "gpu_capability": capability}
+            "gpu_capability": mesh_lib.compute_capability(mesh.devices.flat[0])}
 
 
 def _placer(mesh: Mesh | None, spec: PartitionSpec):

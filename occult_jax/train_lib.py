@@ -31,7 +31,7 @@ from occult_jax import calibration, online_placement, run_config
 from occult_jax import checkpoint as ckpt_lib
 from occult_jax import data as data_lib
 from occult_jax import metrics as metrics_lib
-from occult_jax.mesh import make_mesh
+from occult_jax.mesh import compute_capability, make_mesh
 from occult_jax.model import Transformer, batch_sharding, count_params
 from occult_jax.run_config import ConfigError
 
@@ -212,8 +212,7 @@ def setup(config: Any, workdir: str) -> Run:
     """
     devices = jax.devices()
     model_cfg, moe_cfg, (n_expert, n_data) = run_config.validate(
-        config, len(devices), devices[0].platform,
-        str(getattr(devices[0], "compute_capability", "") or ""))
+        config, len(devices), devices[0].platform, compute_capability(devices[0]))
     try:
         corpus = data_lib.load_corpus(config.data.path, config.data.max_bytes,
                                       config.data.val_fraction, config.data.bin_dtype)
