@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from conftest import mesh_or_skip
 
-from occult_jax import frontends, metrics, run_config, train_lib
+from occult_jax import frontends, job, metrics, run_config, train_lib
 from occult_jax.config import MoEConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -73,7 +73,7 @@ def test_init_from_loads_params_only(tmp_path):
 def test_stop_signal_turns_sigterm_into_a_flag():
     import signal
 
-    with train_lib.StopSignal() as stop:
+    with job.StopSignal() as stop:
         os.kill(os.getpid(), signal.SIGTERM)
         assert stop.requested
     assert signal.getsignal(signal.SIGTERM) is not stop._handle
