@@ -1,7 +1,7 @@
 """The library's earlier defaults, patched back in while a benchmark variant traces, so that
 ``benchmarks/fused_experts.py`` can time them beside the current ones in one run: a variant
-named ``<variant>@cooperative``, ``@gridrows``, ``@copytrain`` or ``@coopshort`` (suffixes
-combine)."""
+named ``<variant>@cooperative``, ``@gridrows``, ``@copytrain``, ``@coopshort``,
+``@colsplit`` or ``@gatherrows`` (suffixes combine)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ import contextlib
 import dataclasses
 import functools
 
-PREVIOUS = ("@cooperative", "@gridrows", "@copytrain", "@coopshort")
+PREVIOUS = ("@cooperative", "@gridrows", "@copytrain", "@coopshort", "@colsplit",
+            "@gatherrows")
 
 
 @contextlib.contextmanager
@@ -19,9 +20,12 @@ def previous_schedules(name: str):
     tile grid, tgmm's tiles in group order; ``…@copytrain``: the gate|up product copies the
     rows into item order under differentiation (``gate_up_copied_in_training``);
     ``…@coopshort``: gmm with a contraction of at most 1024 and a 2048-wide output on the
-    cooperative kernel, not ping-pong (the default before session 15). Jit traces a
-    custom_vjp's backward when the gradient is traced, so a variant must be traced (called
-    first) inside this context, forward and gradient both."""
+    cooperative kernel, not ping-pong (the default before session 15); ``…@colsplit``: tgmm
+    splits a tile's columns between the warpgroups wherever n % 256 == 0 (before session
+    15 it split rows only where columns could not be split, e.g. n = 1408);
+    ``…@gatherrows``: gather_tgmm takes tgmm's default tiling (split rows; sessions 15-16).
+    Jit traces a custom_vjp's backward when the gradient is traced, so a variant must be
+    traced (called first) inside this context, forward and gradient both."""
     import kernels.grouped_matmul as gm
 
     saved = gm.default_gmm_tiling, gm.gmm_tiling, gm.tgmm_tiling
@@ -31,6 +35,14 @@ def previous_schedules(name: str):
     if "@cooperative" in name:
         gm.default_gmm_tiling = gm.gmm_tiling
         gm.tgmm_tiling = functools.partial(saved[2], split_k=False)
+    if "@colsplit" in name:
+        gm.tgmm_tiling = lambda k, n, *a, **kw: saved[2](
+            k, n, *a, **{"split_k": n % 256 != 0 and n % 128 == 0 and k % 256 == 0, **kw})
+    import kernels.occult_matmul as om
+
+    saved_gather = om.gather_tgmm_tiling
+    if "@gatherrows" in name:
+        om.gather_tgmm_tiling = lambda *a, **kw: gm.tgmm_tiling(*a, **kw)
     if "@gridrows" in name:
         def on_grid(make):
             return lambda *a, **kw: dataclasses.replace(make(*a, **kw), group_aligned=False)
@@ -48,6 +60,7 @@ def previous_schedules(name: str):
     finally:
         gm.default_gmm_tiling, gm.gmm_tiling, gm.tgmm_tiling = saved
         gm.PINGPONG_MAX_CONTRACTION = saved_contraction
+        om.gather_tgmm_tiling = saved_gather
         experts.gate_up_items = saved_gate_up
 
 

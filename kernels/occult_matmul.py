@@ -40,6 +40,15 @@ def _gathers_on_gpu(mode: str, x: jax.Array, width: int) -> bool:
     return mode == "gpu" and x.dtype.itemsize == 2 and width % 64 == 0
 
 
+def gather_tgmm_tiling(k: int, n: int, itemsize: int = 2, out_itemsize: int = 2):
+    """``tgmm_tiling`` for a gathered lhs: the warpgroups split a tile's columns wherever they
+    can (256-wide tiles sharing one gathered block of x). Split rows, tgmm's default on given
+    rows, let a gathered block serve 128 output columns, so x is gathered N/128 times instead
+    of N/256 — the OLMoE expert compute's fwd+bwd ran 1.13-1.19x slower that way on an H200
+    (docs/benchmarks.md, session 17)."""
+    return gm.tgmm_tiling(k, n, itemsize, out_itemsize, split_k=None if n % 256 else False)
+
+
 def _gather_tgmm_raw(x, rows, rhs, group_sizes, out_dtype, mode: str, tiling=None):
     if rows.shape[0] != rhs.shape[0]:
         raise ValueError(f"gather_tgmm wants rows [M] and rhs [M, N]; got {rows.shape}, "
@@ -48,8 +57,8 @@ def _gather_tgmm_raw(x, rows, rhs, group_sizes, out_dtype, mode: str, tiling=Non
         return _tgmm_raw(x[rows], rhs, group_sizes, out_dtype, mode, tiling)
     from kernels.tgmm_mgpu import tgmm_call
 
-    tiling = tiling or gm.tgmm_tiling(x.shape[1], rhs.shape[1], x.dtype.itemsize,
-                                   jnp.dtype(out_dtype).itemsize)
+    tiling = tiling or gather_tgmm_tiling(x.shape[1], rhs.shape[1], x.dtype.itemsize,
+                                          jnp.dtype(out_dtype).itemsize)
     rows_p = jnp.pad(rows, (0, _row_padding(rows.shape[0])))
     blocks = schedule.group_blocks(group_sizes, rows_p.shape[0], tiling.tile_m,
                                    tiling.group_aligned)

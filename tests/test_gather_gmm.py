@@ -103,13 +103,16 @@ def test_gather_gmm_lowers_for_cuda():
         assert len(calls) == kernels, calls
 
 
+@pytest.mark.parametrize("columns", ["even", "odd"])
 @pytest.mark.parametrize("kind", ["random", "one_row", "one_group"])
-def test_gather_tgmm_against_numpy(kind):
+def test_gather_tgmm_against_numpy(kind, columns):
     """``gather_tgmm(x, rows, dy)`` = tgmm of ``x[rows]``: per-group ``x[rows].T @ dy`` over
     each group's items, zeros for empty groups; items past the groups hold NaN in dy and must
-    not reach any group (the kernel masks them)."""
+    not reach any group (the kernel masks them). An even multiple of 128 columns splits the
+    GPU kernel's tiles by columns, an odd one by rows."""
     rng = np.random.default_rng()
     t, m, k, n, g = (4096, 20000, 512, 1024, 12) if ON_GPU else (96, 300, 128, 256, 5)
+    n = n if columns == "even" else n + 128
     rows, sizes = routing(rng, kind, t, m, g)
     x = jnp.asarray(rng.standard_normal((t, k)), jnp.bfloat16)
     dy = rng.standard_normal((m, n))

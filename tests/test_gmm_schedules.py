@@ -11,6 +11,7 @@ import pytest
 from test_kernels import ON_GPU, f64, np_gmm, np_tgmm, random_sizes
 
 from kernels import grouped_matmul as gm
+from kernels import occult_matmul as om
 from kernels import schedule
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
@@ -192,6 +193,10 @@ def test_gmm_and_tgmm_default_tilings():
     assert dw.stages == gm.tgmm_tiling(2048, 1024).stages  # same stage bytes
     assert gm.tgmm_tiling(2048, 2048).split_k  # 256 x 128 wherever it fits
     assert not gm.tgmm_tiling(1408, 2048).split_k  # k = 1408: 128 x 256, columns split
+    # a gathered lhs (gather_tgmm) is shared by the warpgroups wherever columns can split
+    assert not om.gather_tgmm_tiling(2048, 2048).split_k
+    assert not om.gather_tgmm_tiling(1024, 2816).split_k  # DeepSeek's gate|up: 2 x 1408
+    assert om.gather_tgmm_tiling(2048, 1408).split_k  # 64-wide halves otherwise
     assert gm.gmm_tiling(2048, 1024, stream=True).stages == 4  # 48 KiB stages
     # gmm's default: ping-pong at n = 1408, n <= 1024 and k <= 1024, streamed where 22
     # k-steps cannot chain 4 stages
