@@ -2,7 +2,8 @@
 ``tgmm`` (its weight gradient), on the best kernel for the platform.
 
 * GPU (Hopper): our Mosaic GPU kernels (``gmm_mgpu``, ``tgmm_mgpu``).
-* TPU: JAX's megablox kernels, behind the same interface.
+* TPU: JAX's megablox kernels, behind the same interface (``platform.emulate("tpu")`` runs
+  them in the Pallas interpreter on CPU, for tests).
 * CPU: the Mosaic GPU kernels in the Pallas interpreter (``interpret=True``; slow, for tests).
 * float32 operands on GPU: XLA's ``ragged_dot`` at full float32 precision. Hopper's tensor cores
   take float32 only as TF32 with both operands K-major in shared memory, which our N-major
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib
 
 import jax
 import jax.numpy as jnp
@@ -155,9 +157,8 @@ def _gmm_raw(lhs, rhs, group_sizes, out_dtype, transpose_rhs: bool, mode: str,
         rhs = jnp.swapaxes(rhs, 1, 2) if transpose_rhs else rhs
         return platform.vary_like(_xla_gmm(lhs, rhs, group_sizes, out_dtype), lhs, rhs, group_sizes)
     if mode == "tpu":
-        from jax.experimental.pallas.ops.tpu.megablox import gmm as megablox
-
-        return megablox.gmm(lhs, rhs, group_sizes, out_dtype, transpose_rhs=transpose_rhs)
+        return platform.vary_like(_megablox_gmm(lhs, rhs, group_sizes, out_dtype, transpose_rhs,
+                                                fill_tail), lhs, rhs, group_sizes)
     m = lhs.shape[0]
     n = rhs.shape[1] if transpose_rhs else rhs.shape[2]
     tiling = tiling or default_gmm_tiling(lhs.shape[1], n, lhs.dtype.itemsize,
@@ -178,10 +179,10 @@ def _tgmm_raw(lhs, rhs, group_sizes, out_dtype, mode: str,
         weights = jnp.zeros((group_sizes.shape[0], lhs.shape[1], rhs.shape[1]), lhs.dtype)
         _, pullback = jax.vjp(lambda w: _xla_gmm(lhs, w, group_sizes, rhs.dtype), weights)
         return platform.vary_like(pullback(rhs)[0].astype(out_dtype), lhs, rhs, group_sizes)
-    if mode == "tpu":
-        from jax.experimental.pallas.ops.tpu.megablox import gmm as megablox
-
-        return megablox.tgmm(lhs.T, rhs, group_sizes, out_dtype)
+    if mode == "tpu":  # megablox masks each group's rows: rows past the groups never count
+        out = _megablox().tgmm(_pad_rows(lhs).T, _pad_rows(rhs), group_sizes, out_dtype,
+                               interpret=platform.emulated())
+        return platform.vary_like(out, lhs, rhs, group_sizes)
     tiling = tiling or tgmm_tiling(lhs.shape[1], rhs.shape[1], lhs.dtype.itemsize,
                                    jnp.dtype(out_dtype).itemsize)
     lhs, rhs = _pad_rows(lhs), _pad_rows(rhs)
@@ -190,6 +191,22 @@ def _tgmm_raw(lhs, rhs, group_sizes, out_dtype, mode: str,
     out = tgmm_call(lhs, rhs, blocks, group_sizes.shape[0], out_dtype=out_dtype, tiling=tiling,
                     interpret=mode == "interpret")
     return platform.vary_like(out, lhs, rhs, group_sizes)
+
+
+def _megablox():
+    """JAX's TPU grouped-matmul kernels: the module (the package's ``gmm`` is a function)."""
+    return importlib.import_module("jax.experimental.pallas.ops.tpu.megablox.gmm")
+
+
+def _megablox_gmm(lhs, rhs, group_sizes, out_dtype, transpose_rhs: bool, fill_tail: bool):
+    """megablox's gmm, which leaves rows past the groups unwritten: zeros there on request."""
+    m = lhs.shape[0]
+    out = _megablox().gmm(_pad_rows(lhs), rhs, group_sizes, out_dtype,
+                          transpose_rhs=transpose_rhs, interpret=platform.emulated())[:m]
+    if not fill_tail:
+        return out
+    used = jnp.arange(m)[:, None] < jnp.sum(group_sizes)
+    return jnp.where(used, out, jnp.zeros((), out.dtype))
 
 
 def _xla_gmm(lhs, rhs, group_sizes, out_dtype) -> jax.Array:

@@ -1,15 +1,49 @@
-"""Where a kernel runs: compiled Mosaic GPU, Mosaic TPU, or the Mosaic GPU interpreter on CPU."""
+"""Where a kernel runs: compiled Mosaic GPU, Mosaic TPU, or the Mosaic GPU interpreter on CPU.
+
+``emulate("tpu")`` makes the library choose its kernels as on a TPU while running on CPU, each
+TPU kernel in Pallas' interpreter: how CI tests the TPU path without a TPU."""
 
 from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
 
 import jax
 
 SMEM_BYTES = 227 * 1024  # shared memory one thread block may use on Hopper (H100/H200)
+_emulated: tuple[str, bool] | None = None  # (platform, interpret) that emulate() set
+
+
+def of(device) -> str:
+    """'gpu', 'tpu' or 'cpu': a device's platform, or the one ``emulate`` names."""
+    return _emulated[0] if _emulated else device.platform
 
 
 def backend() -> str:
-    """'gpu', 'tpu' or 'cpu' for the default device."""
-    return jax.devices()[0].platform
+    """'gpu', 'tpu' or 'cpu' for the default device (or the one ``emulate`` names)."""
+    return of(jax.devices()[0])
+
+
+def emulated() -> bool:
+    """Whether the kernels of another platform (``emulate``) run in Pallas' interpreter here."""
+    return bool(_emulated and _emulated[1])
+
+
+@contextlib.contextmanager
+def emulate(kind: str, interpret: bool = True) -> Iterator[None]:
+    """Choose kernels as on ``kind`` ("tpu") while on CPU, running them interpreted; with
+    ``interpret=False`` trace the compiled TPU kernels instead (to export for TPU from here).
+    Choices are made when JAX traces, so trace inside the context (a function jitted and
+    traced outside it keeps its kernels)."""
+    global _emulated
+    if kind != "tpu" or jax.devices()[0].platform != "cpu":
+        raise ValueError(f"emulate runs the TPU kernels on CPU only; got {kind!r} on "
+                         f"{jax.devices()[0].platform}")
+    saved, _emulated = _emulated, (kind, interpret)
+    try:
+        yield
+    finally:
+        _emulated = saved
 
 
 def interpret_params():

@@ -34,12 +34,13 @@ class MoEConfig:
     capacity_factor: None is dropless (buffers sized for the worst case); a float sizes each
       per-peer buffer to `capacity_factor` × the expected rows per peer under uniform routing.
       Overflowing assignments are dropped and counted in `stats["dropped"]`.
-    precombine: how the Pallas expert path (expert_matmul="pallas") sums each received row's
-      expert outputs, weighted, into the row. "rows": the down projection into item order,
-      then a gather-sum kernel (the fastest forward). "epilogue": Occult's fused form, added
+    precombine: how the Pallas expert path (expert_matmul="pallas", or "auto" where it picks
+      Pallas; the other paths have one way) sums each received row's expert outputs,
+      weighted, into the row. "rows": the down projection into item order, then a gather-sum
+      kernel (the fastest forward). "epilogue": Occult's fused form, added
       into the rows in float32 in the down projection's epilogue; no item-order product is
       kept for the backward: 20-28% less scratch per training step at OLMoE/DeepSeek-like
-      shapes, training 0.97-1.01x and serving 0.86-0.98x the speed of "rows" (H100/H200,
+      shapes, training 0.96-1.02x and serving 0.86-0.98x the speed of "rows" (H100/H200,
       docs/benchmarks.md). Results agree to rounding.
     """
 
@@ -59,7 +60,7 @@ class MoEConfig:
     shared_d_ff: int | None = None  # width of each shared expert; defaults to d_ff
     shared_expert_gate: bool = False  # Qwen2-MoE style sigmoid gate on the shared output
     expert_matmul: str = "auto"  # one of EXPERT_MATMULS (see experts.resolve_backend)
-    precombine: str = "rows"  # one of PRECOMBINES; expert_matmul="pallas" only
+    precombine: str = "rows"  # one of PRECOMBINES; expert_matmul "pallas" or "auto" only
     max_devices_per_token: int | None = None  # collaboration pruning: cap devices per token
     prune_rule: str = "score"  # "score" | "group_score" | "similarity" (see pruning.py)
     dtype: str = "float32"  # compute dtype of activations and expert matmuls
@@ -115,9 +116,10 @@ def validate(cfg: MoEConfig) -> None:
                  f"MoEConfig.expert_matmul='fused' needs d_model and d_ff to be multiples of "
                  f"{MIN_TILE} (got {cfg.d_model}, {cfg.d_ff}); use 'auto'.")
     _one_of("precombine", cfg.precombine, PRECOMBINES)
-    _require(cfg.precombine == "rows" or cfg.expert_matmul == "pallas",
+    _require(cfg.precombine == "rows" or cfg.expert_matmul in ("pallas", "auto"),
              f"MoEConfig.precombine={cfg.precombine!r} is an option of the Pallas expert path; "
-             f"set expert_matmul='pallas' (got {cfg.expert_matmul!r}) or precombine='rows'.")
+             f"set expert_matmul='pallas' or 'auto' (got {cfg.expert_matmul!r}) or "
+             f"precombine='rows'.")
     _one_of("prune_rule", cfg.prune_rule, PRUNE_RULES)
     _require(cfg.max_devices_per_token is None or cfg.max_devices_per_token >= 1,
              f"MoEConfig.max_devices_per_token={cfg.max_devices_per_token!r} must be >= 1, "

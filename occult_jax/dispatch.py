@@ -38,6 +38,7 @@ class Layout:
     num_devices: int  # size of the expert axis
     capacity: int  # rows per peer block
     backend: str  # grouped-matmul backend
+    platform: str = ""  # the platform the kernels are chosen for (kernels.platform.of)
     identity_experts: bool = False  # benchmarks only: rows return unchanged (times the exchange)
 
 

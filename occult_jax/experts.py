@@ -5,6 +5,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from kernels import platform as kernel_platform
 from occult_jax.blocked_gmm import blocked_gmm
 from occult_jax.config import PRECOMBINES, pallas_fits
 from occult_jax.mesh import compute_capability
@@ -26,13 +27,15 @@ def _hopper_gpu() -> bool:
     return device.platform == "gpu" and compute_capability(device).split(".")[0] == "9"
 
 
-def resolve_backend(name: str, d_model: int, d_ff: int, dtype: str = "bfloat16") -> str:
-    """"auto" → the fastest grouped matmul here: the Pallas kernels on Hopper GPUs and TPUs
-    (when the widths fit them; on GPUs for 16-bit dtypes only, float32 there is XLA's
-    ragged_dot at full precision), the blocked XLA matmul otherwise, ragged_dot on CPU."""
+def resolve_backend(name: str, d_model: int, d_ff: int, dtype: str = "bfloat16",
+                    platform: str | None = None) -> str:
+    """"auto" → the fastest grouped matmul on ``platform`` (default: where the kernels run,
+    ``kernels.platform.backend()``): the Pallas kernels on Hopper GPUs and TPUs (when the
+    widths fit them; on GPUs for 16-bit dtypes only, float32 there is XLA's ragged_dot at
+    full precision), the blocked XLA matmul otherwise, ragged_dot on CPU."""
     if name != "auto":
         return name
-    platform = jax.default_backend()
+    platform = platform or kernel_platform.backend()
     if platform == "cpu":
         return "ragged_dot"
     fast_on_gpu = _hopper_gpu() and jnp.dtype(dtype).itemsize == 2

@@ -11,6 +11,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, PartitionSpec
 
+from kernels import platform as kernel_platform
 from occult_jax import config as config_lib
 from occult_jax import mesh as mesh_lib
 from occult_jax import pruning
@@ -33,7 +34,7 @@ def _normal(rngs: nnx.Rngs, shape: tuple[int, ...], fan_in: int, dtype) -> jax.A
 
 
 def _platform(mesh: Mesh) -> str:
-    return mesh.devices.flat[0].platform
+    return kernel_platform.of(mesh.devices.flat[0])
 
 
 def expert_axis_hosts(devices: np.ndarray, axis_index: int) -> int:
@@ -42,7 +43,9 @@ def expert_axis_hosts(devices: np.ndarray, axis_index: int) -> int:
     return max(len({d.process_index for d in group}) for group in groups)
 
 
-def _mesh_facts(cfg: MoEConfig, mesh: Mesh) -> dict:
+def mesh_facts(cfg: MoEConfig, mesh: Mesh) -> dict:
+    """What validate_for_mesh needs to know of a built mesh: platform, hosts per expert-axis
+    group, GPU compute capability."""
     names = list(mesh.axis_names)
     hosts = (expert_axis_hosts(mesh.devices, names.index(cfg.expert_axis))
              if cfg.expert_axis in names else 1)
@@ -99,7 +102,7 @@ class MoELayer(nnx.Module):
                              "mesh=oj.make_mesh(...) or use dispatch='reference'.")
         if mesh is not None:
             config_lib.validate_for_mesh(cfg, tuple(mesh.axis_names), self._axis_size(cfg, mesh),
-                                         mesh.size, mesh.size, **_mesh_facts(cfg, mesh))
+                                         mesh.size, mesh.size, **mesh_facts(cfg, mesh))
         self.cfg, self.mesh = cfg, mesh
         e, d, f, dtype = cfg.num_experts, cfg.d_model, cfg.d_ff, jnp.dtype(cfg.param_dtype)
         expert_sharding = _placer(mesh, mesh_lib.expert_spec(cfg.expert_axis))
@@ -159,13 +162,15 @@ class MoELayer(nnx.Module):
         """The static layout of a call on `num_tokens` tokens (validated first)."""
         cfg, mesh = self.cfg, self.mesh
         config_lib.validate_for_mesh(cfg, tuple(mesh.axis_names), self.num_devices, mesh.size,
-                                     num_tokens, **_mesh_facts(cfg, mesh))
+                                     num_tokens, **mesh_facts(cfg, mesh))
         return Layout(
             axis_name=cfg.expert_axis,
             all_axes=tuple(mesh.axis_names),
             num_devices=self.num_devices,
             capacity=config_lib.peer_capacity(cfg, num_tokens // mesh.size, self.num_devices),
-            backend=resolve_backend(cfg.expert_matmul, cfg.d_model, cfg.d_ff, cfg.dtype),
+            backend=resolve_backend(cfg.expert_matmul, cfg.d_model, cfg.d_ff, cfg.dtype,
+                                    _platform(mesh)),
+            platform=_platform(mesh),
         )
 
     def _expert_parallel(self, x2d, weights, placement):
@@ -180,13 +185,15 @@ def expert_parallel_fn(cfg: MoEConfig, layout: Layout, mesh: Mesh):
     experts = mesh_lib.expert_spec(cfg.expert_axis)
     weight_specs = ExpertWeights(PartitionSpec(), experts, experts, experts, PartitionSpec())
     local = functools.partial(expert_parallel_moe, cfg=cfg, layout=layout)
-    # The Pallas interpreter evaluates a kernel traced without mesh-axis variance on values that
-    # have it, which shard_map's variance checks reject; interpreted fused kernels (CPU tests)
-    # therefore run unchecked — same values, JAX's conservative psum-based transposes.
-    interpreted = layout.backend == "fused" and _platform(mesh) == "cpu"
+    # Kernels whose outputs carry no mesh-axis variance fail shard_map's variance checks: the
+    # fused kernels in the Pallas interpreter (CPU tests) and JAX's megablox kernels (the
+    # Pallas path on TPU). Those run unchecked — same values, JAX's conservative psum-based
+    # transposes.
+    unchecked = ((layout.backend == "fused" and _platform(mesh) == "cpu")
+                 or (layout.backend == "pallas" and layout.platform == "tpu"))
     return jax.jit(jax.shard_map(local, mesh=mesh,
                                  in_specs=(tokens, weight_specs, PartitionSpec()),
-                                 out_specs=(tokens, PartitionSpec()), check_vma=not interpreted))
+                                 out_specs=(tokens, PartitionSpec()), check_vma=not unchecked))
 
 
 @functools.lru_cache(maxsize=128)

@@ -77,10 +77,15 @@ def cap_of(config: Any) -> int | None:
     return config.moe.get("max_devices_per_token")
 
 
+DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                              "configs", "default.py")
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default="configs/default.py")
+    p.add_argument("--config", default=DEFAULT_CONFIG,
+                   help="an ml_collections .py or .gin config (default: the repo's default.py)")
     p.add_argument("--workdir", default="runs/pruning")
     p.add_argument("--base_steps", type=int, default=300)
     p.add_argument("--finetune_steps", type=int, default=100)

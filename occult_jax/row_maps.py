@@ -23,6 +23,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from kernels import platform as kernel_platform
+
 _FORCE_KERNELS: bool | None = None
 
 
@@ -48,7 +50,7 @@ def _kernels(x: jax.Array) -> bool:
         return False
     if _FORCE_KERNELS is not None:
         return _FORCE_KERNELS
-    return jax.devices()[0].platform == "gpu" and x.shape[1] >= KERNEL_MIN_WIDTH
+    return kernel_platform.backend() == "gpu" and x.shape[1] >= KERNEL_MIN_WIDTH
 
 
 def _take(x: jax.Array, index: jax.Array, kernels: bool, fill_empty: bool = True) -> jax.Array:

@@ -13,6 +13,7 @@ from typing import Any
 from occult_jax.config import MoEConfig, validate_for_mesh
 from occult_jax.mesh import DATA, EXPERT
 from occult_jax.model import ModelConfig
+from occult_jax.moe import mesh_facts
 
 
 class ConfigError(ValueError):
@@ -113,6 +114,16 @@ def mesh_shape(config: Any, num_devices: int) -> tuple[int, int]:
     _require(expert * data <= num_devices, f"mesh expert={expert} × data={data} needs "
                                            f"{expert * data} devices; {num_devices} present.")
     return expert, data
+
+
+def validate_on_mesh(moe_cfg: MoEConfig, mesh: Any, num_tokens: int) -> None:
+    """The MoE layer's mesh checks with what only the built mesh knows (how many processes
+    an expert-axis group spans: transport="pallas" needs one host); one-line ConfigErrors."""
+    try:
+        validate_for_mesh(moe_cfg, tuple(mesh.axis_names), dict(mesh.shape)[EXPERT], mesh.size,
+                          num_tokens, **mesh_facts(moe_cfg, mesh))
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 def validate(config: Any, num_devices: int, platform: str = "cpu", gpu_capability: str = ""

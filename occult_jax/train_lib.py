@@ -155,6 +155,8 @@ def setup(config: Any, workdir: str) -> Run:
     except ValueError as e:
         raise ConfigError(str(e)) from None
     mesh = make_mesh(expert=n_expert, data=n_data, devices=devices)
+    if model_cfg.moe_layers:
+        run_config.validate_on_mesh(moe_cfg, mesh, config.batch_size * config.seq_len)
     checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
                                          keep=config.keep_checkpoints)
     start, notes = checkpointer.latest_step() or 0, []

@@ -26,8 +26,6 @@ import occult_jax as oj
     ({"num_experts": 0}, "num_experts=0 must be a positive integer"),
     ({"expert_matmul": "cublas"}, "expert_matmul='cublas' is unknown"),
     ({"precombine": "sum"}, "precombine='sum' is unknown"),
-    ({"precombine": "epilogue"}, "set expert_matmul='pallas' \\(got 'auto'\\) or "
-                                 "precombine='rows'"),
     ({"precombine": "epilogue", "expert_matmul": "ragged_dot"}, "precombine='epilogue' is an "
      "option of the Pallas expert path"),
 ])

@@ -133,10 +133,14 @@ def test_layer_with_pallas_kernels_matches_ragged_dot(dispatch, precombine):
 def test_auto_backend_choice(monkeypatch, platform, hopper, dtype, widths, want):
     from occult_jax import experts as experts_lib
 
-    monkeypatch.setattr(experts_lib.jax, "default_backend", lambda: platform)
     monkeypatch.setattr(experts_lib, "_hopper_gpu", lambda: hopper)
-    assert experts_lib.resolve_backend("auto", *widths, dtype) == want
-    assert experts_lib.resolve_backend("einsum", *widths, dtype) == "einsum"
+    assert experts_lib.resolve_backend("auto", *widths, dtype, platform) == want
+    assert experts_lib.resolve_backend("einsum", *widths, dtype, platform) == "einsum"
+    if platform == "tpu" and jax.default_backend() == "cpu":  # default: where kernels run
+        from kernels.platform import emulate
+
+        with emulate("tpu"):
+            assert experts_lib.resolve_backend("auto", *widths, dtype) == want
 
 
 def test_pallas_gate_up_reads_rows_through_the_plan_forward_and_backward(monkeypatch):

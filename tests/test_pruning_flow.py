@@ -70,3 +70,10 @@ def test_quality_command(tmp_path, monkeypatch):
         assert np.isfinite(r["val_loss"]) and np.isclose(r["perplexity"], np.exp(r["val_loss"]))
     saved = json.loads((tmp_path / "pruning_eval_cap1_similarity.json").read_text())
     assert list(saved) == names
+
+
+def test_pruning_eval_default_config_loads_from_any_directory(monkeypatch, tmp_path):
+    """--config defaults to the repo's configs/default.py wherever the command runs."""
+    monkeypatch.chdir(tmp_path)
+    config = pruning_eval.frontends.load_config(pruning_eval.DEFAULT_CONFIG)
+    assert config.moe.top_k >= 1 and config.workdir

@@ -195,6 +195,22 @@ def test_bad_config_values_fail_before_compiling(tmp_path, changes, match):
     assert "\n" not in str(info.value)
 
 
+def test_mesh_facts_reach_the_config_checks_before_compiling(tmp_path, monkeypatch):
+    """setup checks the MoE config against the built mesh (processes per expert-axis group,
+    which validate cannot know): transport="pallas" across hosts is a one-line ConfigError.
+    The facts are faked (a 2-host GPU mesh), and validate's platform check let through."""
+    mesh_or_skip(expert=4, data=2)
+    gpu_facts = {"platform": "gpu", "expert_axis_hosts": 2, "gpu_capability": "9.0"}
+    monkeypatch.setattr(run_config, "mesh_facts", lambda cfg, mesh: gpu_facts)
+    validate = run_config.validate
+    monkeypatch.setattr(run_config, "validate",
+                        lambda config, n, *a: validate(config, n, "gpu", "9.0"))
+    config = tiny_config(tmp_path, **{"moe.transport": "pallas"})
+    with pytest.raises(run_config.ConfigError, match="spans 2 processes") as info:
+        train_lib.setup(config, str(tmp_path))
+    assert "\n" not in str(info.value)
+
+
 def test_cli_reports_config_errors_in_one_line(tmp_path):
     result = subprocess.run(
         [sys.executable, os.path.join(ROOT, "train.py"), "--config.steps=0",
