@@ -27,41 +27,37 @@ def previous_schedules(name: str):
     Jit traces a custom_vjp's backward when the gradient is traced, so a variant must be
     traced (called first) inside this context, forward and gradient both."""
     import kernels.grouped_matmul as gm
-
-    saved = gm.default_gmm_tiling, gm.gmm_tiling, gm.tgmm_tiling
-    saved_contraction = gm.PINGPONG_MAX_CONTRACTION
-    if "@coopshort" in name:
-        gm.PINGPONG_MAX_CONTRACTION = 0
-    if "@cooperative" in name:
-        gm.default_gmm_tiling = gm.gmm_tiling
-        gm.tgmm_tiling = functools.partial(saved[2], split_k=False)
-    if "@colsplit" in name:
-        gm.tgmm_tiling = lambda k, n, *a, **kw: saved[2](
-            k, n, *a, **{"split_k": n % 256 != 0 and n % 128 == 0 and k % 256 == 0, **kw})
     import kernels.occult_matmul as om
-
-    saved_gather = om.gather_tgmm_tiling
-    if "@gatherrows" in name:
-        om.gather_tgmm_tiling = lambda *a, **kw: gm.tgmm_tiling(*a, **kw)
-    if "@gridrows" in name:
-        def on_grid(make):
-            return lambda *a, **kw: dataclasses.replace(make(*a, **kw), group_aligned=False)
-
-        gm.gmm_tiling = on_grid(saved[1])
-        gm.tgmm_tiling = lambda *a, **kw: dataclasses.replace(
-            saved[2](*a, **kw), group_aligned=False, balance=False)
     import occult_jax.experts as experts
 
-    saved_gate_up = experts.gate_up_items
-    if "@copytrain" in name:
-        experts.gate_up_items = gate_up_copied_in_training
-    try:
+    saved = gm.default_gmm_tiling, gm.gmm_tiling, gm.tgmm_tiling, gm.PINGPONG_MAX_CONTRACTION
+    saved_gather, saved_gate_up = om.gather_tgmm_tiling, experts.gate_up_items
+    try:  # each patch wraps the current function, so suffixes combine
+        if "@coopshort" in name:
+            gm.PINGPONG_MAX_CONTRACTION = 0
+        if "@cooperative" in name:
+            gm.default_gmm_tiling = gm.gmm_tiling
+            gm.tgmm_tiling = functools.partial(gm.tgmm_tiling, split_k=False)
+        if "@colsplit" in name:
+            rows_where_needed = gm.tgmm_tiling
+            gm.tgmm_tiling = lambda k, n, *a, **kw: rows_where_needed(
+                k, n, *a, **{"split_k": n % 256 != 0 and n % 128 == 0 and k % 256 == 0, **kw})
+        if "@gatherrows" in name:
+            om.gather_tgmm_tiling = lambda *a, **kw: gm.tgmm_tiling(*a, **kw)
+        if "@gridrows" in name:
+            def on_grid(make, **changes):
+                return lambda *a, **kw: dataclasses.replace(make(*a, **kw), group_aligned=False,
+                                                            **changes)
+
+            gm.gmm_tiling = on_grid(gm.gmm_tiling)
+            gm.tgmm_tiling = on_grid(gm.tgmm_tiling, balance=False)
+        if "@copytrain" in name:
+            experts.gate_up_items = gate_up_copied_in_training
         yield
     finally:
-        gm.default_gmm_tiling, gm.gmm_tiling, gm.tgmm_tiling = saved
-        gm.PINGPONG_MAX_CONTRACTION = saved_contraction
-        om.gather_tgmm_tiling = saved_gather
-        experts.gate_up_items = saved_gate_up
+        (gm.default_gmm_tiling, gm.gmm_tiling, gm.tgmm_tiling,
+         gm.PINGPONG_MAX_CONTRACTION) = saved
+        om.gather_tgmm_tiling, experts.gate_up_items = saved_gather, saved_gate_up
 
 
 def gate_up_copied_in_training(rows, item_row, row_items, group_sizes, w_gate_up):

@@ -26,7 +26,7 @@ def moe_defaults() -> config_dict.ConfigDict:
         "shared_d_ff": 0,  # 0: d_ff
         "shared_expert_gate": False,
         "expert_matmul": "auto",
-        "precombine": "rows",  # rows | epilogue (less memory; needs expert_matmul="pallas")
+        "precombine": "rows",  # rows | epilogue (less memory; with expert_matmul pallas or auto)
         "max_devices_per_token": config_dict.placeholder(int),  # pruning cap; None: no cap
         "prune_rule": "score",  # score | group_score | similarity
         "param_dtype": "float32",

@@ -134,7 +134,14 @@ def _pad_rows(x: jax.Array) -> jax.Array:
     return jnp.pad(x, ((0, extra), (0, 0))) if extra else x
 
 
+TPU_MODES = ("tpu", "tpu_interpret")  # megablox compiled, or in Pallas' interpreter (emulate)
+
+
 def _mode(interpret: bool | None) -> str:
+    """'gpu', 'tpu', 'interpret' (the Mosaic GPU kernels interpreted) or 'tpu_interpret'
+    (megablox interpreted, under ``platform.emulate``), fixed when the op is traced."""
+    if platform.emulated() and interpret is not False:
+        return "tpu_interpret"
     if interpret:
         return "interpret"
     kind = platform.backend()
@@ -156,9 +163,10 @@ def _gmm_raw(lhs, rhs, group_sizes, out_dtype, transpose_rhs: bool, mode: str,
     if mode == "gpu" and lhs.dtype == jnp.float32:
         rhs = jnp.swapaxes(rhs, 1, 2) if transpose_rhs else rhs
         return platform.vary_like(_xla_gmm(lhs, rhs, group_sizes, out_dtype), lhs, rhs, group_sizes)
-    if mode == "tpu":
-        return platform.vary_like(_megablox_gmm(lhs, rhs, group_sizes, out_dtype, transpose_rhs,
-                                                fill_tail), lhs, rhs, group_sizes)
+    if mode in TPU_MODES:
+        out = _megablox_gmm(lhs, rhs, group_sizes, out_dtype, transpose_rhs, fill_tail,
+                            interpret=mode == "tpu_interpret")
+        return platform.vary_like(out, lhs, rhs, group_sizes)
     m = lhs.shape[0]
     n = rhs.shape[1] if transpose_rhs else rhs.shape[2]
     tiling = tiling or default_gmm_tiling(lhs.shape[1], n, lhs.dtype.itemsize,
@@ -179,9 +187,9 @@ def _tgmm_raw(lhs, rhs, group_sizes, out_dtype, mode: str,
         weights = jnp.zeros((group_sizes.shape[0], lhs.shape[1], rhs.shape[1]), lhs.dtype)
         _, pullback = jax.vjp(lambda w: _xla_gmm(lhs, w, group_sizes, rhs.dtype), weights)
         return platform.vary_like(pullback(rhs)[0].astype(out_dtype), lhs, rhs, group_sizes)
-    if mode == "tpu":  # megablox masks each group's rows: rows past the groups never count
+    if mode in TPU_MODES:  # megablox masks each group's rows: rows past the groups never count
         out = _megablox().tgmm(_pad_rows(lhs).T, _pad_rows(rhs), group_sizes, out_dtype,
-                               interpret=platform.emulated())
+                               MEGABLOX_TILING, interpret=mode == "tpu_interpret")
         return platform.vary_like(out, lhs, rhs, group_sizes)
     tiling = tiling or tgmm_tiling(lhs.shape[1], rhs.shape[1], lhs.dtype.itemsize,
                                    jnp.dtype(out_dtype).itemsize)
@@ -193,16 +201,22 @@ def _tgmm_raw(lhs, rhs, group_sizes, out_dtype, mode: str,
     return platform.vary_like(out, lhs, rhs, group_sizes)
 
 
+# megablox's default tiles (rows, contraction, columns); its row tile must divide the padded M.
+# Not tuned: no TPU has been available to measure on.
+MEGABLOX_TILING = (ROW_MULTIPLE, 128, 128)
+
+
 def _megablox():
     """JAX's TPU grouped-matmul kernels: the module (the package's ``gmm`` is a function)."""
     return importlib.import_module("jax.experimental.pallas.ops.tpu.megablox.gmm")
 
 
-def _megablox_gmm(lhs, rhs, group_sizes, out_dtype, transpose_rhs: bool, fill_tail: bool):
+def _megablox_gmm(lhs, rhs, group_sizes, out_dtype, transpose_rhs: bool, fill_tail: bool, *,
+                  interpret: bool):
     """megablox's gmm, which leaves rows past the groups unwritten: zeros there on request."""
     m = lhs.shape[0]
-    out = _megablox().gmm(_pad_rows(lhs), rhs, group_sizes, out_dtype,
-                          transpose_rhs=transpose_rhs, interpret=platform.emulated())[:m]
+    out = _megablox().gmm(_pad_rows(lhs), rhs, group_sizes, out_dtype, MEGABLOX_TILING,
+                          transpose_rhs=transpose_rhs, interpret=interpret)[:m]
     if not fill_tail:
         return out
     used = jnp.arange(m)[:, None] < jnp.sum(group_sizes)
@@ -240,7 +254,7 @@ def gmm(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *,
     """``out[rows of g] = lhs[rows of g] @ rhs[g]``: lhs [M, K], rhs [G, K, N] → [M, N].
 
     Rows past ``sum(group_sizes)`` are zeros, in the output and in lhs's gradient; with
-    ``fill_tail=False`` the Mosaic GPU kernels leave them unwritten (undefined) — for callers
+    ``fill_tail=False`` the GPU and TPU kernels leave them unwritten (undefined) — for callers
     that never read them, which saves writing the padding of a worst-case-sized buffer.
     ``interpret``: None picks the compiled kernel on GPU/TPU and the interpreter on CPU.
     """

@@ -46,7 +46,8 @@ def gather_tgmm_tiling(k: int, n: int, itemsize: int = 2, out_itemsize: int = 2)
     rows, let a gathered block serve 128 output columns, so x is gathered N/128 times instead
     of N/256 — the OLMoE expert compute's fwd+bwd ran 1.13-1.19x slower that way on an H200
     (docs/benchmarks.md, session 17)."""
-    return gm.tgmm_tiling(k, n, itemsize, out_itemsize, split_k=None if n % 256 else False)
+    columns = {} if n % 256 else {"split_k": False}
+    return gm.tgmm_tiling(k, n, itemsize, out_itemsize, **columns)
 
 
 def _gather_tgmm_raw(x, rows, rhs, group_sizes, out_dtype, mode: str, tiling=None):
@@ -136,7 +137,7 @@ def gather_gmm(x: jax.Array, rows: jax.Array, rhs: jax.Array, group_sizes: jax.A
     ``row_items`` [T, P] (optional): the items that read each row, -1 for none; with it, the
     x gradient is a gather-sum over them instead of a scatter-add into ``rows``. The rhs
     gradient is ``gather_tgmm`` (rows gathered in the kernel on GPU). ``fill_tail=False``:
-    outputs past the groups are left undefined on GPU (as for ``gmm``).
+    outputs past the groups are left undefined on GPU and TPU (as for ``gmm``).
     """
     if rows.ndim != 1 or x.ndim != 2:
         raise ValueError(f"gather_gmm wants x [T, K] and rows [M]; got {x.shape}, {rows.shape}")
@@ -154,7 +155,8 @@ def _gmm_combine(lhs, rhs, group_sizes, dest, num_rows, mode, fill_tail, tiling=
     _check(lhs, rhs, group_sizes, False)
     m, n = lhs.shape[0], rhs.shape[2]
     if mode != "gpu" or lhs.dtype.itemsize != 2:  # gmm, then a segment-sum of the used rows
-        items = _gmm_raw(lhs, rhs, group_sizes, jnp.float32, False, mode)  # zero past groups
+        # rows past the groups: undefined (fill_tail=False), masked out of the sum here
+        items = _gmm_raw(lhs, rhs, group_sizes, jnp.float32, False, mode, fill_tail=False)
         used = jnp.arange(m) < jnp.sum(group_sizes)
         return jax.ops.segment_sum(jnp.where(used[:, None], items, 0.0),
                                    jnp.where(used, dest, num_rows), num_segments=num_rows)

@@ -6,17 +6,21 @@ TPU kernel in Pallas' interpreter: how CI tests the TPU path without a TPU."""
 from __future__ import annotations
 
 import contextlib
+import contextvars
 from collections.abc import Iterator
 
 import jax
 
 SMEM_BYTES = 227 * 1024  # shared memory one thread block may use on Hopper (H100/H200)
-_emulated: tuple[str, bool] | None = None  # (platform, interpret) that emulate() set
+# (platform, interpret) that emulate() set, or None
+_emulated: contextvars.ContextVar[tuple[str, bool] | None] = contextvars.ContextVar(
+    "occult_jax_emulated_platform", default=None)
 
 
 def of(device) -> str:
     """'gpu', 'tpu' or 'cpu': a device's platform, or the one ``emulate`` names."""
-    return _emulated[0] if _emulated else device.platform
+    emulated = _emulated.get()
+    return emulated[0] if emulated else device.platform
 
 
 def backend() -> str:
@@ -26,24 +30,24 @@ def backend() -> str:
 
 def emulated() -> bool:
     """Whether the kernels of another platform (``emulate``) run in Pallas' interpreter here."""
-    return bool(_emulated and _emulated[1])
+    emulated = _emulated.get()
+    return bool(emulated and emulated[1])
 
 
 @contextlib.contextmanager
 def emulate(kind: str, interpret: bool = True) -> Iterator[None]:
     """Choose kernels as on ``kind`` ("tpu") while on CPU, running them interpreted; with
     ``interpret=False`` trace the compiled TPU kernels instead (to export for TPU from here).
-    Choices are made when JAX traces, so trace inside the context (a function jitted and
-    traced outside it keeps its kernels)."""
-    global _emulated
+    Choices are made when JAX traces: a function traced outside the context keeps the
+    kernels it got there, and one traced inside keeps the emulated ones after it."""
     if kind != "tpu" or jax.devices()[0].platform != "cpu":
         raise ValueError(f"emulate runs the TPU kernels on CPU only; got {kind!r} on "
                          f"{jax.devices()[0].platform}")
-    saved, _emulated = _emulated, (kind, interpret)
+    token = _emulated.set((kind, interpret))
     try:
         yield
     finally:
-        _emulated = saved
+        _emulated.reset(token)
 
 
 def interpret_params():

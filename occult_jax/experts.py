@@ -136,8 +136,9 @@ def _pallas_swiglu_combine(rows, items: ExpertPlan, item_weight, w_gate, w_up, w
     item by its routing weight (``(w · h) @ W = w · (h @ W)``) and ``gmm_combine`` adds each
     product row into its received row in float32 in the matmul's epilogue, so the item-order
     product is never stored (20–28% less scratch per training step), but the float32 sum must
-    be zero-filled and cast: training 0.97–1.01×, serving 0.86–0.98× the speed of "rows" on
-    an H100 (docs/benchmarks.md, session 15). MoEConfig.precombine picks it.
+    be zero-filled and cast: training 0.96–1.02×, serving 0.86–0.98× the speed of "rows" on
+    an H100 and an H200 (docs/benchmarks.md, sessions 15 and 17). MoEConfig.precombine picks
+    it.
 
     The item buffer is sized for the worst case (every row listing min(k, E/N) experts) and
     mostly padding: 131k live of 524k rows at the OLMoE shape on 4 devices. With the "pallas"

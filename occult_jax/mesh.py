@@ -6,6 +6,8 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
+from kernels import platform as kernel_platform
+
 EXPERT = "expert"
 DATA = "data"
 
@@ -48,3 +50,20 @@ def expert_spec(expert_axis: str = EXPERT) -> PartitionSpec:
 
 def sharding(mesh: Mesh, spec: PartitionSpec) -> NamedSharding:
     return NamedSharding(mesh, spec)
+
+
+def expert_axis_hosts(devices: np.ndarray, axis_index: int) -> int:
+    """Most distinct processes among the devices of one expert-axis group of a mesh array."""
+    groups = np.moveaxis(np.asarray(devices), axis_index, -1).reshape(-1, devices.shape[axis_index])
+    return max(len({d.process_index for d in group}) for group in groups)
+
+
+def mesh_facts(expert_axis: str, mesh: Mesh) -> dict:
+    """What ``config.validate_for_mesh`` needs to know of a built mesh: the platform its
+    kernels are chosen for (``kernels.platform.of``), the most processes one expert-axis group
+    spans, the GPUs' compute capability."""
+    names = list(mesh.axis_names)
+    hosts = expert_axis_hosts(mesh.devices, names.index(expert_axis)) if expert_axis in names else 1
+    device = mesh.devices.flat[0]
+    return {"platform": kernel_platform.of(device), "expert_axis_hosts": hosts,
+            "gpu_capability": compute_capability(device)}

@@ -7,7 +7,6 @@ import math
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, PartitionSpec
 
@@ -31,26 +30,6 @@ class ExpertPlacement(nnx.Variable):
 def _normal(rngs: nnx.Rngs, shape: tuple[int, ...], fan_in: int, dtype) -> jax.Array:
     std = 1.0 / math.sqrt(fan_in)
     return (std * jax.random.truncated_normal(rngs.params(), -2.0, 2.0, shape)).astype(dtype)
-
-
-def _platform(mesh: Mesh) -> str:
-    return kernel_platform.of(mesh.devices.flat[0])
-
-
-def expert_axis_hosts(devices: np.ndarray, axis_index: int) -> int:
-    """Most distinct processes among the devices of one expert-axis group of a mesh array."""
-    groups = np.moveaxis(np.asarray(devices), axis_index, -1).reshape(-1, devices.shape[axis_index])
-    return max(len({d.process_index for d in group}) for group in groups)
-
-
-def mesh_facts(cfg: MoEConfig, mesh: Mesh) -> dict:
-    """What validate_for_mesh needs to know of a built mesh: platform, hosts per expert-axis
-    group, GPU compute capability."""
-    names = list(mesh.axis_names)
-    hosts = (expert_axis_hosts(mesh.devices, names.index(cfg.expert_axis))
-             if cfg.expert_axis in names else 1)
-    return {"platform": _platform(mesh), "expert_axis_hosts": hosts,
-            "gpu_capability": mesh_lib.compute_capability(mesh.devices.flat[0])}
 
 
 def _placer(mesh: Mesh | None, spec: PartitionSpec):
@@ -102,7 +81,8 @@ class MoELayer(nnx.Module):
                              "mesh=oj.make_mesh(...) or use dispatch='reference'.")
         if mesh is not None:
             config_lib.validate_for_mesh(cfg, tuple(mesh.axis_names), self._axis_size(cfg, mesh),
-                                         mesh.size, mesh.size, **mesh_facts(cfg, mesh))
+                                         mesh.size, mesh.size,
+                                         **mesh_lib.mesh_facts(cfg.expert_axis, mesh))
         self.cfg, self.mesh = cfg, mesh
         e, d, f, dtype = cfg.num_experts, cfg.d_model, cfg.d_ff, jnp.dtype(cfg.param_dtype)
         expert_sharding = _placer(mesh, mesh_lib.expert_spec(cfg.expert_axis))
@@ -161,16 +141,23 @@ class MoELayer(nnx.Module):
     def layout(self, num_tokens: int) -> Layout:
         """The static layout of a call on `num_tokens` tokens (validated first)."""
         cfg, mesh = self.cfg, self.mesh
+        facts = mesh_lib.mesh_facts(cfg.expert_axis, mesh)
         config_lib.validate_for_mesh(cfg, tuple(mesh.axis_names), self.num_devices, mesh.size,
-                                     num_tokens, **mesh_facts(cfg, mesh))
+                                     num_tokens, **facts)
+        platform = facts["platform"]
+        backend = resolve_backend(cfg.expert_matmul, cfg.d_model, cfg.d_ff, cfg.dtype, platform)
+        if backend in ("pallas", "fused") and platform != kernel_platform.backend():
+            raise ValueError(f"expert_matmul={backend!r} runs its kernels on this process's "
+                             f"default devices ({kernel_platform.backend()}), but the mesh is on "
+                             f"{platform}; build the mesh on the default devices or use "
+                             f"expert_matmul='ragged_dot'.")
         return Layout(
             axis_name=cfg.expert_axis,
             all_axes=tuple(mesh.axis_names),
             num_devices=self.num_devices,
             capacity=config_lib.peer_capacity(cfg, num_tokens // mesh.size, self.num_devices),
-            backend=resolve_backend(cfg.expert_matmul, cfg.d_model, cfg.d_ff, cfg.dtype,
-                                    _platform(mesh)),
-            platform=_platform(mesh),
+            backend=backend,
+            platform=platform,
         )
 
     def _expert_parallel(self, x2d, weights, placement):
@@ -189,7 +176,7 @@ def expert_parallel_fn(cfg: MoEConfig, layout: Layout, mesh: Mesh):
     # fused kernels in the Pallas interpreter (CPU tests) and JAX's megablox kernels (the
     # Pallas path on TPU). Those run unchecked — same values, JAX's conservative psum-based
     # transposes.
-    unchecked = ((layout.backend == "fused" and _platform(mesh) == "cpu")
+    unchecked = ((layout.backend == "fused" and layout.platform == "cpu")
                  or (layout.backend == "pallas" and layout.platform == "tpu"))
     return jax.jit(jax.shard_map(local, mesh=mesh,
                                  in_specs=(tokens, weight_specs, PartitionSpec()),

@@ -77,15 +77,18 @@ def cap_of(config: Any) -> int | None:
     return config.moe.get("max_devices_per_token")
 
 
+# the checkout's configs/default.py (configs/ is not installed as a package: use the checkout,
+# as the README's `pip install -e .` does, or pass --config)
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                               "configs", "default.py")
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default=DEFAULT_CONFIG,
-                   help="an ml_collections .py or .gin config (default: the repo's default.py)")
+                   help="an ml_collections .py or .gin config (default: the checkout's "
+                        "configs/default.py)")
     p.add_argument("--workdir", default="runs/pruning")
     p.add_argument("--base_steps", type=int, default=300)
     p.add_argument("--finetune_steps", type=int, default=100)
@@ -93,8 +96,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--cap", type=int, default=1)
     p.add_argument("--rule", default="similarity", choices=["score", "group_score", "similarity"])
     p.add_argument("--eval_batches", type=int, default=8)
-    args = p.parse_args(argv)
+    return p
 
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parser().parse_args(argv)
+    if not os.path.exists(args.config):
+        raise SystemExit(f"error: --config={args.config} does not exist; pass the path of a "
+                         "config file (configs/default.py in the repository).")
     config = frontends.load_config(args.config)
     config.eval_batches, config.eval_every, config.checkpoint_every = args.eval_batches, 0, 0
     base = os.path.join(args.workdir, "base")

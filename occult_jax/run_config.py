@@ -11,9 +11,8 @@ import os
 from typing import Any
 
 from occult_jax.config import MoEConfig, validate_for_mesh
-from occult_jax.mesh import DATA, EXPERT
+from occult_jax.mesh import DATA, EXPERT, mesh_facts
 from occult_jax.model import ModelConfig
-from occult_jax.moe import mesh_facts
 
 
 class ConfigError(ValueError):
@@ -121,7 +120,7 @@ def validate_on_mesh(moe_cfg: MoEConfig, mesh: Any, num_tokens: int) -> None:
     an expert-axis group spans: transport="pallas" needs one host); one-line ConfigErrors."""
     try:
         validate_for_mesh(moe_cfg, tuple(mesh.axis_names), dict(mesh.shape)[EXPERT], mesh.size,
-                          num_tokens, **mesh_facts(moe_cfg, mesh))
+                          num_tokens, **mesh_facts(moe_cfg.expert_axis, mesh))
     except ValueError as e:
         raise ConfigError(str(e)) from None
 

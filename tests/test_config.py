@@ -35,6 +35,12 @@ def test_bad_config_values(changes, needle):
     assert "\n" not in str(info.value)
 
 
+def test_precombine_is_an_option_of_the_pallas_path_and_auto():
+    for matmul in ("pallas", "auto"):  # auto: where it picks Pallas
+        cfg = oj.MoEConfig(d_model=128, d_ff=128, expert_matmul=matmul, precombine="epilogue")
+        assert cfg.precombine == "epilogue"
+
+
 def test_numpy_integers_are_integers():
     cfg = oj.MoEConfig(num_experts=np.int64(8), top_k=np.int32(2))
     assert cfg.top_k == 2 and cfg.num_experts == 8

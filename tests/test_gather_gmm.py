@@ -110,6 +110,8 @@ def test_gather_tgmm_against_numpy(kind, columns):
     each group's items, zeros for empty groups; items past the groups hold NaN in dy and must
     not reach any group (the kernel masks them). An even multiple of 128 columns splits the
     GPU kernel's tiles by columns, an odd one by rows."""
+    if columns == "odd" and not ON_GPU:
+        pytest.skip("on CPU gather_tgmm is tgmm of x[rows]; the tile split is the GPU kernel's")
     rng = np.random.default_rng()
     t, m, k, n, g = (4096, 20000, 512, 1024, 12) if ON_GPU else (96, 300, 128, 256, 5)
     n = n if columns == "even" else n + 128

@@ -36,7 +36,7 @@ def test_expert_axis_across_hosts_is_refused():
     """Peers must share NVLink: an expert-axis group spanning processes is a config error."""
     from types import SimpleNamespace
 
-    from occult_jax.moe import expert_axis_hosts
+    from occult_jax.mesh import expert_axis_hosts
 
     # mesh [data=2, expert=4] over 2 hosts of 4 devices: host = data index → groups on one host
     by_data = np.array([[SimpleNamespace(process_index=h) for _ in range(4)] for h in range(2)])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import jax
 import jax.numpy as jnp
@@ -75,5 +76,7 @@ def test_quality_command(tmp_path, monkeypatch):
 def test_pruning_eval_default_config_loads_from_any_directory(monkeypatch, tmp_path):
     """--config defaults to the repo's configs/default.py wherever the command runs."""
     monkeypatch.chdir(tmp_path)
-    config = pruning_eval.frontends.load_config(pruning_eval.DEFAULT_CONFIG)
+    path = pruning_eval.parser().parse_args([]).config
+    assert os.path.isabs(path)
+    config = pruning_eval.frontends.load_config(path)
     assert config.moe.top_k >= 1 and config.workdir

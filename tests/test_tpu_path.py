@@ -78,6 +78,36 @@ def test_megablox_is_the_kernel_the_tpu_path_lowers():
     assert calls == ["tpu_custom_call"] * 3, calls
 
 
+def test_a_pullback_taken_under_emulate_runs_after_it():
+    """The kernel choice is part of the op when it is traced: a vjp taken inside emulate
+    still runs megablox, interpreted, when its pullback is called outside."""
+    rng = np.random.default_rng()
+    sizes = random_sizes(rng, 256, 3)
+    lhs = jnp.asarray(rng.standard_normal((256, 128)), jnp.float32)
+    rhs = jnp.asarray(rng.standard_normal((3, 128, 128)), jnp.float32)
+    cot = rng.standard_normal((256, 128))
+    with platform.emulate("tpu"):
+        _, pullback = jax.vjp(lambda a, b: gm.gmm(a, b, jnp.asarray(sizes)), lhs, rhs)
+    d_lhs, d_rhs = pullback(jnp.asarray(cot, jnp.float32))
+    tol = dict(rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(np.asarray(d_lhs), np_gmm(cot, f64(rhs), sizes, transpose=True),
+                               **tol)
+    np.testing.assert_allclose(np.asarray(d_rhs), np_tgmm(f64(lhs), cot, sizes), **tol)
+
+
+def test_pallas_on_a_mesh_of_other_devices_is_refused(monkeypatch):
+    """The kernels run on the process's default devices: a Pallas layer on a mesh of another
+    platform is a one-line error, not a kernel compiled for the wrong device."""
+    from occult_jax import moe
+
+    mesh = mesh_or_skip(2, 1)
+    cfg = oj.MoEConfig(num_experts=4, top_k=2, d_model=128, d_ff=128, expert_matmul="pallas")
+    layer, _ = make_layer(cfg, mesh, 1)
+    monkeypatch.setattr(moe.kernel_platform, "backend", lambda: "gpu")
+    with pytest.raises(ValueError, match="default devices \\(gpu\\), but the mesh is on cpu"):
+        layer.layout(64)
+
+
 def test_emulate_is_scoped_and_refuses_other_platforms():
     before = platform.backend()
     with platform.emulate("tpu"):

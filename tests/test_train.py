@@ -201,7 +201,7 @@ def test_mesh_facts_reach_the_config_checks_before_compiling(tmp_path, monkeypat
     The facts are faked (a 2-host GPU mesh), and validate's platform check let through."""
     mesh_or_skip(expert=4, data=2)
     gpu_facts = {"platform": "gpu", "expert_axis_hosts": 2, "gpu_capability": "9.0"}
-    monkeypatch.setattr(run_config, "mesh_facts", lambda cfg, mesh: gpu_facts)
+    monkeypatch.setattr(run_config, "mesh_facts", lambda axis, mesh: gpu_facts)
     validate = run_config.validate
     monkeypatch.setattr(run_config, "validate",
                         lambda config, n, *a: validate(config, n, "gpu", "9.0"))
