@@ -30,13 +30,16 @@ def parse_args(argv=None):
     p.add_argument("--passes", default="fwd,dx,dw")
     p.add_argument("--impls", default="pallas,mgpu,ragged_dot,einsum")
     p.add_argument("--iters", type=int, default=10)
-    p.add_argument("--sweep", choices=("none", "small", "pipeline", "schedule", "rows"),
+    p.add_argument("--sweep", choices=("none", "small", "pipeline", "schedule", "rows",
+                                       "wgsplit"),
                    default="small",
                    help="tiling sweep for pallas and mgpu (none: defaults only; pipeline: our "
                         "default tiles with each pipelining option; schedule: cooperative vs "
                         "ping-pong warpgroups; rows: row tiles from each group's start vs on "
-                        "the tile grid, dW tiles longest first vs in group order; the last "
-                        "three report every variant side by side)")
+                        "the tile grid, dW tiles longest first vs in group order; wgsplit: "
+                        "forward/dX warpgroups splitting a tile's columns (two m64n128 wgmmas "
+                        "per k-step) vs its rows (one m64n256); the last four report every "
+                        "variant side by side)")
     p.add_argument("--sizes", choices=("skewed", "equal"), default="skewed",
                    help="group sizes: Dirichlet-skewed, or M / G each (the einsum's own "
                         "problem: separates our per-row speed from the row work of skew)")
@@ -83,6 +86,15 @@ def our_tilings(gm, pass_: str, k: int, n: int, sweep: str) -> list:
                          if n % dataclasses.replace(base, tile_n=tn).block_n == 0]
     contraction, width = (n, k) if pass_ == "dx" else (k, n)
     base = gm.default_gmm_tiling(contraction, width)
+    if sweep == "wgsplit":
+        pingpong = gm.gmm_tiling(contraction, width, pingpong=True)
+        wide = dataclasses.replace(pingpong, tile_m=64, tile_n=256)  # one 64 x 256 per wg
+        wide_stage = (64 * wide.tile_k + wide.tile_k * 256) * 2
+        wide = dataclasses.replace(wide, stages=gm._stages(wide_stage, 4 * 64 * 64 * 2, 8))
+        return [base, pingpong] + [gm.gmm_tiling(contraction, width, **o) for o in (
+            dict(split_rows=False), dict(), dict(stream=True, split_rows=False),
+            dict(stream=True)
+        )] + ([wide] if width % 256 == 0 else [])
     if sweep == "schedule":
         return [base] + [gm.gmm_tiling(contraction, width, **o)
                          for o in (dict(), dict(stream=True), dict(pingpong=True))]
@@ -208,7 +220,7 @@ def bench_shape(spec: str, args) -> list[dict]:
                 if err > 2e-2:  # wrong results never count as the best config
                     print(f"  WRONG RESULT {spec} {pass_} {impl} {label}", file=sys.stderr)
                     continue
-                if args.sweep in ("pipeline", "schedule", "rows") and impl == "pallas":
+                if args.sweep in ("pipeline", "schedule", "rows", "wgsplit") and impl == "pallas":
                     timed_variants.append({"shape": spec, "pass": pass_, "config": label,
                                            "ms": ms, "tflops": flops / ms / 1e9})
                 if best is None or ms < best[1]:

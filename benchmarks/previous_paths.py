@@ -1,7 +1,7 @@
 """The library's earlier defaults, patched back in while a benchmark variant traces, so that
 ``benchmarks/fused_experts.py`` can time them beside the current ones in one run: a variant
 named ``<variant>@cooperative``, ``@gridrows``, ``@copytrain``, ``@coopshort``,
-``@colsplit`` or ``@gatherrows`` (suffixes combine)."""
+``@colsplit``, ``@gatherrows`` or ``@gmmcols`` (suffixes combine)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import dataclasses
 import functools
 
 PREVIOUS = ("@cooperative", "@gridrows", "@copytrain", "@coopshort", "@colsplit",
-            "@gatherrows")
+            "@gatherrows", "@gmmcols")
 
 
 @contextlib.contextmanager
@@ -23,7 +23,9 @@ def previous_schedules(name: str):
     cooperative kernel, not ping-pong (the default before session 15); ``…@colsplit``: tgmm
     splits a tile's columns between the warpgroups wherever n % 256 == 0 (before session
     15 it split rows only where columns could not be split, e.g. n = 1408);
-    ``…@gatherrows``: gather_tgmm takes tgmm's default tiling (split rows; sessions 15-16).
+    ``…@gatherrows``: gather_tgmm takes tgmm's default tiling (split rows; sessions 15-16);
+    ``…@gmmcols``: cooperative gmm and gather_gmm tiles split columns between the warpgroups
+    (two 128 x 128 accumulators; before session 18) instead of rows.
     Jit traces a custom_vjp's backward when the gradient is traced, so a variant must be
     traced (called first) inside this context, forward and gradient both."""
     import kernels.grouped_matmul as gm
@@ -32,6 +34,7 @@ def previous_schedules(name: str):
 
     saved = gm.default_gmm_tiling, gm.gmm_tiling, gm.tgmm_tiling, gm.PINGPONG_MAX_CONTRACTION
     saved_gather, saved_gate_up = om.gather_tgmm_tiling, experts.gate_up_items
+    saved_gather_gmm = om.gather_gmm_tiling
     try:  # each patch wraps the current function, so suffixes combine
         if "@coopshort" in name:
             gm.PINGPONG_MAX_CONTRACTION = 0
@@ -44,6 +47,9 @@ def previous_schedules(name: str):
                 k, n, *a, **{"split_k": n % 256 != 0 and n % 128 == 0 and k % 256 == 0, **kw})
         if "@gatherrows" in name:
             om.gather_tgmm_tiling = lambda *a, **kw: gm.tgmm_tiling(*a, **kw)
+        if "@gmmcols" in name:
+            gm.gmm_tiling = functools.partial(gm.gmm_tiling, split_rows=False)
+            om.gather_gmm_tiling = lambda *a, **kw: gm.gmm_tiling(*a, **kw)
         if "@gridrows" in name:
             def on_grid(make, **changes):
                 return lambda *a, **kw: dataclasses.replace(make(*a, **kw), group_aligned=False,
@@ -58,6 +64,7 @@ def previous_schedules(name: str):
         (gm.default_gmm_tiling, gm.gmm_tiling, gm.tgmm_tiling,
          gm.PINGPONG_MAX_CONTRACTION) = saved
         om.gather_tgmm_tiling, experts.gate_up_items = saved_gather, saved_gate_up
+        om.gather_gmm_tiling = saved_gather_gmm
 
 
 def gate_up_copied_in_training(rows, item_row, row_items, group_sizes, w_gate_up):

@@ -24,7 +24,14 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from kernels import platform
-from kernels.gmm_mgpu import GmmTiling, _smem_transforms, output_staging, write_owned_rows
+from kernels.gmm_mgpu import (
+    GmmTiling,
+    _smem_transforms,
+    output_staging,
+    warpgroup_operands,
+    warpgroup_part,
+    write_owned_rows,
+)
 from kernels.schedule import RowTiles, first_row
 
 WARPGROUP = 128
@@ -146,7 +153,8 @@ def gather_gmm_call(
     k = x.shape[1]
     m = rows.shape[0]
     n = rhs.shape[2]
-    tm, tn, tk, bn = tiling.tile_m, tiling.tile_n, tiling.tile_k, tiling.block_n
+    tm, tk, bn = tiling.tile_m, tiling.tile_k, tiling.block_n
+    wm, wn = tiling.wg_tile
     if tk * x.dtype.itemsize != 128:
         raise ValueError("the gathered matmul copies 128-byte rows: tile_k must be 64 (16-bit)")
     n_iters, k_iters = n // bn, k // tk
@@ -201,8 +209,9 @@ def gather_gmm_call(
                 plgpu.barrier_wait(consumed.at[lax.rem(step, stages)])
 
         def write(values, ti, ni):
-            write_owned_rows(values, out_smem.at[wg], out_gmem, lo_ref[ti], hi_ref[ti],
-                             first_row(row0_ref, ti), ni * bn + wg * tn, tiling)
+            part = warpgroup_part(tiling, wg, lo_ref[ti], hi_ref[ti], first_row(row0_ref, ti),
+                                  ni * bn)
+            write_owned_rows(values, out_smem.at[wg], out_gmem, *part, tiling)
 
         @pl.when(wg < 2)
         def _compute():
@@ -214,7 +223,8 @@ def gather_gmm_call(
                         slot = lax.rem(step, stages)
                         wait_mbarrier(gathered.at[pl.ds(2 * slot, 2)], lax.rem(step // stages, 2))
                         plgpu.barrier_wait(b_ready.at[slot])
-                        plgpu.wgmma(acc, a_smem.at[slot], b_smem.at[slot, :, pl.ds(wg * tn, tn)])
+                        plgpu.wgmma(acc, *warpgroup_operands(tiling, wg, a_smem.at[slot],
+                                                             b_smem.at[slot], False))
                         plgpu.wgmma_wait(0)
                         plgpu.barrier_arrive(consumed.at[slot])
                         return step + 1
@@ -223,7 +233,7 @@ def gather_gmm_call(
                     write(acc[...], ti, ni)
                     return step
 
-                return pl.run_scoped(run, plgpu.ACC((tm, tn), jnp.float32))
+                return pl.run_scoped(run, plgpu.ACC((wm, wn), jnp.float32))
 
             tiles_loop(compute_tile)
 
@@ -231,7 +241,7 @@ def gather_gmm_call(
                 @plgpu.nd_loop(((count_ref[0] - live) * n_iters,), collective_axes="sm")
                 def _zero_tile(info):
                     ti = live + info.index[0] // n_iters
-                    write(jnp.zeros((tm, tn), jnp.float32), ti, info.index[0] % n_iters)
+                    write(jnp.zeros((wm, wn), jnp.float32), ti, info.index[0] % n_iters)
 
             plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 

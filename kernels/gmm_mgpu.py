@@ -48,14 +48,24 @@ class GmmTiling:
     epi_tile: int = 0  # write the output in epi_tile² pieces through two slots (0: whole tile)
     stream: bool = False  # own ring across tiles, a wgmma in flight (gmm_stream_mgpu)
     pingpong: bool = False  # streamed; each warpgroup owns tile_m x tile_n tiles
+    split_rows: bool = False  # cooperative: each warpgroup tile_m/2 rows x block_n columns
     group_aligned: bool = True  # row tiles start at their group's first row (schedule.py)
     # (grouped_matmul.gmm_tiling picks chain and 64² pieces where they fit; default_gmm_tiling
     # the schedule.)
 
     @property
+    def wg_tile(self) -> tuple[int, int]:
+        """Rows and columns of one compute warpgroup's accumulator. Split rows give each
+        warpgroup 64 x 256 of a 128 x 256 tile: one m64n256 wgmma per k-step of 16, which reads
+        a sixth fewer shared-memory bytes per product than two m64n128 (columns split)."""
+        if self.split_rows:
+            return self.tile_m // 2, 2 * self.tile_n
+        return self.tile_m, self.tile_n
+
+    @property
     def out_tile(self) -> tuple[int, int]:
         """Shape of one output staging slot."""
-        return (self.epi_tile, self.epi_tile) if self.epi_tile else (self.tile_m, self.tile_n)
+        return (self.epi_tile, self.epi_tile) if self.epi_tile else self.wg_tile
 
     @property
     def out_slots(self) -> int:
@@ -124,20 +134,22 @@ def store_owned_rows(out_smem, out_gmem, lo, hi, row0, col0, rows_max: int) -> N
 
 def write_owned_rows(values, out_slots, out_gmem, lo, hi, row0, col0,
                      tiling: GmmTiling) -> None:
-    """Write rows ``[lo, hi)`` of a warpgroup's ``tile_m x tile_n`` result ``values`` to
+    """Write rows ``[lo, hi)`` of a warpgroup's ``wg_tile`` result ``values`` to
     ``out_gmem[row0:, col0:]``, staged through ``out_slots`` ([out_slots, *out_tile]) in
-    ``tiling.out_tile`` pieces; pieces without owned rows are skipped."""
+    ``tiling.out_tile`` pieces; pieces without owned rows are skipped (``lo`` may be negative
+    and ``hi`` past the tile: only rows inside it are written)."""
     em, en = tiling.out_tile
+    wm, wn = tiling.wg_tile
     slots = tiling.out_slots
     # Two slots alternate within and across tiles when a row of pieces is even.
-    pending = 1 if slots == 2 and (tiling.tile_n // en) % 2 == 0 else 0
-    for r in range(tiling.tile_m // em):
+    pending = 1 if slots == 2 and (wn // en) % 2 == 0 else 0
+    for r in range(wm // em):
         sub_lo = jnp.clip(lo - r * em, 0, em)
         sub_hi = jnp.clip(hi - r * em, 0, em)
 
         @pl.when(sub_hi > sub_lo)
         def _rows(r=r, sub_lo=sub_lo, sub_hi=sub_hi):
-            for c in range(tiling.tile_n // en):
+            for c in range(wn // en):
                 slot = c % slots
                 plgpu.wait_smem_to_gmem(pending, wait_read_only=True)
                 piece = values[r * em:(r + 1) * em, c * en:(c + 1) * en]
@@ -156,13 +168,33 @@ def output_staging(tiling: GmmTiling, out_dtype, combine):
 
 def write_tile(values, out_smem, out_gmem, dest_gmem, lo, hi, row0, col0,
                tiling: GmmTiling) -> None:
-    """Write rows ``[lo, hi)`` of a warpgroup's ``tile_m x tile_n`` result to
+    """Write rows ``[lo, hi)`` of a warpgroup's ``wg_tile`` result to
     ``out_gmem[row0:, col0:]``, or with ``dest_gmem`` add them into ``out_gmem[dest[row]]``."""
     if dest_gmem is None:
         write_owned_rows(values, out_smem, out_gmem, lo, hi, row0, col0, tiling)
     else:
+        wm, wn = tiling.wg_tile
         combine_owned_rows(values, out_smem, dest_gmem, out_gmem, lo, hi, row0, col0,
-                           tile_m=tiling.tile_m, tile_n=tiling.tile_n, piece=tiling.out_tile[0])
+                           tile_m=wm, tile_n=wn, piece=tiling.out_tile[0])
+
+
+def warpgroup_part(tiling: GmmTiling, wg, lo, hi, row0, col0):
+    """A cooperative tile's ``(lo, hi, row0, col0)`` as seen by compute warpgroup ``wg``: its
+    half of the rows (``split_rows``) or of the columns."""
+    if tiling.split_rows:
+        half = tiling.tile_m // 2
+        return lo - wg * half, hi - wg * half, row0 + wg * half, col0
+    return lo, hi, row0, col0 + wg * tiling.tile_n
+
+
+def warpgroup_operands(tiling: GmmTiling, wg, a_smem, b_smem, transpose_rhs: bool):
+    """The shared-memory operands of warpgroup ``wg``'s wgmma in a cooperative tile."""
+    if tiling.split_rows:
+        half = tiling.tile_m // 2
+        return a_smem.at[pl.ds(wg * half, half)], b_smem
+    tn = tiling.tile_n
+    return a_smem, (b_smem.at[pl.ds(wg * tn, tn)] if transpose_rhs
+                    else b_smem.at[:, pl.ds(wg * tn, tn)])
 
 
 def launch(kernel, tiles: RowTiles, lhs: jax.Array, rhs: jax.Array, out_shape, out_dtype,
@@ -182,6 +214,9 @@ def check_tiles(k: int, n: int, tiling: GmmTiling, combine, interpret: bool) -> 
     if k % tiling.tile_k or n % tiling.block_n:
         raise ValueError(f"gmm tiles of {tiling.tile_k} x {tiling.block_n} do not divide "
                          f"K={k}, N={n}; use grouped_matmul.gmm_tiling")
+    if tiling.split_rows and (tiling.pingpong or tiling.tile_m % 128):
+        raise ValueError("split_rows needs the cooperative schedule and tile_m a multiple of "
+                         f"128; got tile_m={tiling.tile_m}, pingpong={tiling.pingpong}")
     if combine is not None and (interpret or tiling.out_tile[0] != tiling.out_tile[1]):
         raise ValueError("the combining grouped matmul runs compiled only, with square "
                          "output pieces (epi_tile)")
@@ -206,7 +241,8 @@ def gmm_call(
     ``out[dest[row]]`` (``gmm_combine_mgpu``; GPU only, ``out`` zeroed; returns None)."""
     m, k = lhs.shape
     n = rhs.shape[1] if transpose_rhs else rhs.shape[2]
-    tm, tn, tk = tiling.tile_m, tiling.tile_n, tiling.tile_k
+    tm, tk = tiling.tile_m, tiling.tile_k
+    wm, wn = tiling.wg_tile
     bn = tiling.block_n
     n_iters, k_iters = n // bn, k // tk
     transforms = _smem_transforms(tk, lhs.dtype)
@@ -249,7 +285,7 @@ def gmm_call(
             pl.run_scoped,
             allocs=pipeline(ignore, ignore).get_allocations(lhs_gmem, rhs_view),
             out_smem=output_staging(tiling, out_dtype, combine),
-            **interpret_scratch(interpret, (tm, tk), (tk, tn), lhs.dtype),
+            **interpret_scratch(interpret, (wm, tk), (tk, wn), lhs.dtype),
             collective_axes="wg",
         )
         def _scope(allocs, out_smem, scratch):
@@ -257,20 +293,20 @@ def gmm_call(
             live = live_ref[0]
 
             def write(values, ti, ni):
-                write_tile(values, out_smem.at[wg], out_gmem, dest_gmem, lo_ref[ti],
-                           hi_ref[ti], first_row(row0_ref, ti), ni * bn + wg * tn, tiling)
+                part = warpgroup_part(tiling, wg, lo_ref[ti], hi_ref[ti],
+                                      first_row(row0_ref, ti), ni * bn)
+                write_tile(values, out_smem.at[wg], out_gmem, dest_gmem, *part, tiling)
 
             def matmul(ti, ni, state):
                 def compute_context(eval_pipeline):
-                    @functools.partial(pl.run_scoped, acc=plgpu.ACC((tm, tn), jnp.float32))
+                    @functools.partial(pl.run_scoped, acc=plgpu.ACC((wm, wn), jnp.float32))
                     def _acc(acc):
                         eval_pipeline(acc)
                         write(acc[...], ti, ni)
 
                 def step(_, a_smem, b_smem, acc):
-                    b = b_smem.at[pl.ds(wg * tn, tn)] if transpose_rhs else b_smem.at[
-                        :, pl.ds(wg * tn, tn)]
-                    mma(acc, a_smem, b, transpose_a=False, transpose_b=transpose_rhs,
+                    a, b = warpgroup_operands(tiling, wg, a_smem, b_smem, transpose_rhs)
+                    mma(acc, a, b, transpose_a=False, transpose_b=transpose_rhs,
                         scratch=scratch and (scratch[0].at[wg], scratch[1].at[wg]))
                     return acc
 
@@ -311,7 +347,7 @@ def gmm_call(
 
                 @pl.when(wg < 2)
                 def _zeros():
-                    write(jnp.zeros((tm, tn), jnp.float32), ti, info.index[0] % n_iters)
+                    write(jnp.zeros((wm, wn), jnp.float32), ti, info.index[0] % n_iters)
 
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 

@@ -34,6 +34,8 @@ from kernels.gmm_mgpu import (
     launch,
     mma,
     output_staging,
+    warpgroup_operands,
+    warpgroup_part,
     write_tile,
 )
 from kernels.schedule import RowTiles, first_row
@@ -59,7 +61,8 @@ def gmm_stream_call(
     m, k = lhs.shape
     n = rhs.shape[1] if transpose_rhs else rhs.shape[2]
     check_tiles(k, n, tiling, combine, interpret)
-    tm, tn, tk, stages = tiling.tile_m, tiling.tile_n, tiling.tile_k, tiling.stages
+    tm, tk, stages = tiling.tile_m, tiling.tile_k, tiling.stages
+    wm, wn = tiling.wg_tile
     pingpong = tiling.pingpong
     tile_cols = tiling.block_n  # columns of one tile
     n_iters, k_iters = n // tile_cols, k // tk
@@ -74,7 +77,6 @@ def gmm_stream_call(
          scratch) = refs[combine is not None:]
         wg = lax.axis_index("wg")
         live = live_ref[0]
-        col = 0 if pingpong else wg * tn  # this warpgroup's first column in a tile
 
         def tiles_loop(body):
             """This block's tiles in order; ``body(j, ti, ni, step)`` with ``j`` the local
@@ -122,8 +124,10 @@ def gmm_stream_call(
                 plgpu.barrier_wait(consumed.at[lax.rem(step, stages)])
 
         def write(values, ti, ni):
-            write_tile(values, out_smem.at[wg], out_gmem, dest_gmem, lo_ref[ti], hi_ref[ti],
-                       first_row(row0_ref, ti), ni * tile_cols + col, tiling)
+            part = (lo_ref[ti], hi_ref[ti], first_row(row0_ref, ti), ni * tile_cols)
+            if not pingpong:
+                part = warpgroup_part(tiling, wg, *part)
+            write_tile(values, out_smem.at[wg], out_gmem, dest_gmem, *part, tiling)
 
         def my_tile(j):
             return lax.rem(j, 2) == wg if pingpong else True
@@ -140,11 +144,10 @@ def gmm_stream_call(
                         slot = lax.rem(step0 + kk, stages)
                         plgpu.barrier_wait(a_loaded.at[barriers + slot])
                         plgpu.barrier_wait(b_loaded.at[barriers + slot])
-                        b = b_smem.at[slot]
+                        a, b = a_smem.at[slot], b_smem.at[slot]
                         if not pingpong:
-                            b = (b.at[pl.ds(col, tn)] if transpose_rhs
-                                 else b.at[:, pl.ds(col, tn)])
-                        mma(acc, a_smem.at[slot], b, transpose_a=False,
+                            a, b = warpgroup_operands(tiling, wg, a, b, transpose_rhs)
+                        mma(acc, a, b, transpose_a=False,
                             transpose_b=transpose_rhs, wait=False,
                             scratch=scratch and (scratch[0].at[wg], scratch[1].at[wg]))
                         plgpu.wgmma_wait(1)  # the previous k-step's wgmma is done
@@ -158,7 +161,7 @@ def gmm_stream_call(
                     write(acc[...], ti, ni)
 
                 pl.when(my_tile(j))(
-                    lambda: pl.run_scoped(run, plgpu.ACC((tm, tn), jnp.float32)))
+                    lambda: pl.run_scoped(run, plgpu.ACC((wm, wn), jnp.float32)))
 
             tiles_loop(compute_tile)
 
@@ -167,7 +170,7 @@ def gmm_stream_call(
                 def _zero_tile(info):
                     @pl.when(my_tile(info.local_index))
                     def _zeros():
-                        write(jnp.zeros((tm, tn), jnp.float32), live + info.index[0] // n_iters,
+                        write(jnp.zeros((wm, wn), jnp.float32), live + info.index[0] // n_iters,
                               info.index[0] % n_iters)
 
             plgpu.wait_smem_to_gmem(0, wait_read_only=True)
@@ -181,7 +184,7 @@ def gmm_stream_call(
             plgpu.Barrier(num_barriers=owners * stages),
             plgpu.Barrier(num_barriers=owners * stages),
             plgpu.Barrier(num_arrivals=1 if pingpong else 2, num_barriers=stages),
-            interpret_scratch(interpret, (tm, tk), (tk, tn), lhs.dtype)["scratch"],
+            interpret_scratch(interpret, (wm, tk), (tk, wn), lhs.dtype)["scratch"],
             collective_axes="wg",
         )
 

@@ -61,20 +61,25 @@ def _columns(n: int, what: str, per_block: int = 2) -> int:
 
 def gmm_tiling(k: int, n: int, itemsize: int = 2, out_itemsize: int = 2, *,
                epi_tile: int = 64, chain: bool = True, combine: bool = False,
-               stream: bool = False, pingpong: bool = False) -> GmmTiling:
+               stream: bool = False, pingpong: bool = False,
+               split_rows: bool = True) -> GmmTiling:
     """Default tiles for a [*, k] @ [k, n] grouped matmul; as many stages as shared memory holds.
 
     Tiles are chained (``chain``) only where that stage count divides ``k / tile_k``: chaining
     with fewer stages was slower on H200 (docs/benchmarks.md). ``combine``: the output is
     staged as one float32 piece per warpgroup (``gmm_combine_mgpu``). ``stream`` /
     ``pingpong``: the kernel with its own ring across tiles (``gmm_stream_mgpu``; up to 8
-    stages), cooperative or with each compute warpgroup owning whole tiles.
+    stages), cooperative or with each compute warpgroup owning whole tiles. ``split_rows``:
+    the cooperative warpgroups split each tile's rows (one 64 x 2·tile_n accumulator each)
+    instead of its columns — 1.003-1.016x on every cooperative pass measured on an H200
+    (docs/benchmarks.md, session 18).
     """
     if k % 64:
         raise ValueError(f"the Pallas grouped matmul needs the contraction size {k} to be a "
                          "multiple of 64; pad it or use expert_matmul='ragged_dot'")
     t = GmmTiling(tile_n=_columns(n, "the output width", 1 if pingpong else 2),
-                  epi_tile=epi_tile, stream=stream, pingpong=pingpong)
+                  epi_tile=epi_tile, stream=stream, pingpong=pingpong,
+                  split_rows=split_rows and not pingpong)
     stage = (t.tile_m * t.tile_k + t.tile_k * t.block_n) * itemsize
     out_bytes = 2 * t.out_slots * t.out_tile[0] * t.out_tile[1] * out_itemsize
     if combine:

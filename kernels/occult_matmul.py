@@ -40,6 +40,11 @@ def _gathers_on_gpu(mode: str, x: jax.Array, width: int) -> bool:
     return mode == "gpu" and x.dtype.itemsize == 2 and width % 64 == 0
 
 
+def gather_gmm_tiling(k: int, n: int, itemsize: int = 2, out_itemsize: int = 2):
+    """Tiles of ``gather_gmm``'s kernel (its own cross-tile pipeline: cooperative tiles)."""
+    return gm.gmm_tiling(k, n, itemsize, out_itemsize)
+
+
 def gather_tgmm_tiling(k: int, n: int, itemsize: int = 2, out_itemsize: int = 2):
     """``tgmm_tiling`` for a gathered lhs: the warpgroups split a tile's columns wherever they
     can (256-wide tiles sharing one gathered block of x). Split rows, tgmm's default on given
@@ -93,8 +98,8 @@ def _gather_gmm(x, rows, row_items, rhs, group_sizes, out_dtype, mode, fill_tail
 
     _check(x, rhs, group_sizes, False)
     m = rows.shape[0]
-    tiling = gm.gmm_tiling(x.shape[1], rhs.shape[2], x.dtype.itemsize,
-                           jnp.dtype(out_dtype).itemsize)
+    tiling = gather_gmm_tiling(x.shape[1], rhs.shape[2], x.dtype.itemsize,
+                               jnp.dtype(out_dtype).itemsize)
     rows_p = jnp.pad(rows, (0, _row_padding(m)))
     tiles = schedule.row_tiles(group_sizes, rows_p.shape[0], tiling.tile_m,
                                tiling.group_aligned)

@@ -46,12 +46,17 @@ def items_of_rows(rows, sizes, t):
     return out
 
 
-@pytest.mark.parametrize("kind,inverse", [("random", False), ("one_row", False),
-                                          ("one_group", False), ("random", True)])
-def test_gather_gmm_values_and_gradients(kind, inverse):
+@pytest.mark.parametrize("kind,inverse,split_rows", [
+    ("random", False, True), ("one_row", False, True), ("one_group", False, True),
+    ("random", True, True), ("random", False, False), ("one_group", False, False)])
+def test_gather_gmm_values_and_gradients(kind, inverse, split_rows, monkeypatch):
     """Forward, d x (a scatter-add into rows, or with ``row_items`` a gather-sum over each
     row's items) and d w against float64 NumPy, at a size the interpreter runs on CPU and the
-    compiled kernel on a GPU."""
+    compiled kernel on a GPU (its warpgroups splitting a tile's columns or rows)."""
+    if not split_rows and not ON_GPU:
+        pytest.skip("the gathering kernel runs compiled only; CPU runs the fallback")
+    monkeypatch.setattr(om, "gather_gmm_tiling", functools.partial(
+        gm.gmm_tiling, split_rows=split_rows))
     rng = np.random.default_rng()
     t, m, k, n, g = (4096, 20000, 512, 1024, 12) if ON_GPU else (96, 300, 128, 256, 5)
     rows, sizes = routing(rng, kind, t, m, g)
@@ -81,11 +86,15 @@ def test_gather_gmm_values_and_gradients(kind, inverse):
     assert np.all(np.asarray(out)[~used] == 0)
 
 
-def test_gather_gmm_lowers_for_cuda():
-    """The compiled path (inline cp.async, mbarriers, wgmma) lowers on any machine: one Mosaic
-    GPU kernel forward, two in the gradient of its sum (transposed gmm, tgmm; the unused
-    forward is dropped)."""
+@pytest.mark.parametrize("split_rows", [False, True])
+def test_gather_gmm_lowers_for_cuda(split_rows, monkeypatch):
+    """The compiled path (inline cp.async, mbarriers, wgmma; warpgroups splitting a tile's
+    columns or rows) lowers on any machine: one Mosaic GPU kernel forward, two in the gradient
+    of its sum (transposed gmm, tgmm; the unused forward is dropped)."""
     from conftest import mosaic_gpu_calls
+
+    monkeypatch.setattr(om, "gather_gmm_tiling", functools.partial(
+        gm.gmm_tiling, split_rows=split_rows))
 
     bf16 = jnp.bfloat16
     t, m, k, n, g = 512, 1000, 256, 512, 8

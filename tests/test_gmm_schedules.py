@@ -144,15 +144,16 @@ def test_tiles_moved_back_from_the_end_of_the_rows(group_aligned):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4 * np.abs(want).max())
 
 
-@pytest.mark.parametrize("pingpong,transpose,fill_tail", [
-    (True, False, True), (True, True, True), (True, False, False),
-    (False, False, True), (False, True, False),
+@pytest.mark.parametrize("pingpong,transpose,fill_tail,split_rows", [
+    (True, False, True, False), (True, True, True, False), (True, False, False, False),
+    (False, False, True, False), (False, True, False, False),
+    (False, False, True, True), (False, True, False, True),
 ])
-def test_gmm_streamed_matches_numpy(pingpong, transpose, fill_tail):
+def test_gmm_streamed_matches_numpy(pingpong, transpose, fill_tail, split_rows):
     """The streamed kernel (one ring of stages across tiles, a wgmma left in flight), with the
-    warpgroups sharing each tile or owning alternate tiles (ping-pong): forward and transposed
-    weights, tiles over group boundaries, an empty group and rows past the groups (zeros, or
-    left unwritten)."""
+    warpgroups sharing each tile (its columns or its rows split) or owning alternate tiles
+    (ping-pong): forward and transposed weights, tiles over group boundaries, an empty group
+    and rows past the groups (zeros, or left unwritten)."""
     from kernels.gmm_mgpu import GmmTiling
     from kernels.grouped_matmul import _gmm_raw, _mode
 
@@ -163,7 +164,7 @@ def test_gmm_streamed_matches_numpy(pingpong, transpose, fill_tail):
     x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
     w = jnp.asarray(rng.standard_normal((g, n, k) if transpose else (g, k, n)), jnp.bfloat16)
     tiling = GmmTiling(tile_n=64, tile_k=64, stages=3, epi_tile=64, stream=True,
-                       pingpong=pingpong)
+                       pingpong=pingpong, split_rows=split_rows)
     got = np.asarray(_gmm_raw(x, w, jnp.asarray(sizes), jnp.float32, transpose, _mode(None),
                               tiling, fill_tail=fill_tail), np.float64)
     want = np_gmm(f64(x), f64(w), sizes, transpose)
@@ -188,6 +189,10 @@ def test_gmm_and_tgmm_default_tilings():
     staging = 2 * t.out_slots * t.out_tile[0] * t.out_tile[1] * 2
     assert t.stages * stage + staging <= platform.SMEM_BYTES < (t.stages + 1) * stage + staging
     assert gm.gmm_tiling(2048, 1408).tile_n == 64
+    # cooperative tiles split rows (a 64 x 256 accumulator per warpgroup); ping-pong cannot
+    assert gm.gmm_tiling(2048, 2048).wg_tile == (64, 256)
+    assert gm.gmm_tiling(2048, 2048, split_rows=False).wg_tile == (128, 128)
+    assert gm.default_gmm_tiling(2048, 1408).wg_tile == (128, 128)
     dw = gm.tgmm_tiling(2048, 1408)  # rows split: 256 x 128 tiles instead of 128 x 128
     assert (dw.split_k, dw.block_k, dw.block_n) == (True, 256, 128)
     assert dw.stages == gm.tgmm_tiling(2048, 1024).stages  # same stage bytes
@@ -220,22 +225,25 @@ def test_tiles_that_do_not_divide_the_product_are_refused():
     with pytest.raises(ValueError, match="do not divide"):
         _gmm_raw(x, w, sizes, jnp.float32, False, _mode(None),
                  GmmTiling(tile_n=128, stages=2, pingpong=True))
+    with pytest.raises(ValueError, match="split_rows needs the cooperative"):
+        _gmm_raw(x, jnp.ones((2, 256, 256), jnp.bfloat16), sizes, jnp.float32, False,
+                 _mode(None), GmmTiling(stages=2, pingpong=True, split_rows=True))
     with pytest.raises(ValueError, match="do not divide"):
         _tgmm_raw(x, jnp.ones((128, 192), jnp.bfloat16), sizes, jnp.float32, _mode(None),
                   TgmmTiling(tile_k=128, tile_n=128, split_k=True, stages=2))
 
 
-@pytest.mark.parametrize("pingpong", [False, True])
-def test_streamed_kernel_lowers_for_cuda(pingpong):
-    """The compiled streamed gmm (cooperative and ping-pong), forward and transposed, is one
-    Mosaic GPU kernel each."""
+@pytest.mark.parametrize("pingpong,split_rows", [(False, False), (True, False), (False, True)])
+def test_streamed_kernel_lowers_for_cuda(pingpong, split_rows):
+    """The compiled streamed gmm (cooperative, columns or rows split, and ping-pong), forward
+    and transposed, is one Mosaic GPU kernel each."""
     from conftest import mosaic_gpu_calls
 
     bf16 = jnp.bfloat16
     m, k, n, g = 1024, 256, 384, 8
     for transpose in (False, True):
         tiling = gm.gmm_tiling(n if transpose else k, k if transpose else n, stream=True,
-                               pingpong=pingpong)
+                               pingpong=pingpong, split_rows=split_rows)
 
         def forward(x, w, sizes, transpose=transpose, tiling=tiling):
             return gm._gmm_raw(x, w, sizes, bf16, transpose, "gpu", tiling)

@@ -118,10 +118,12 @@ def test_tgmm_matches_numpy_and_zeroes_empty_groups():
 
 @pytest.mark.parametrize("options", [
     dict(chain=True), dict(epi_tile=64), dict(epi_tile=64, tile_n=128, chain=True),
+    dict(split_rows=True), dict(split_rows=True, epi_tile=64, chain=True),
 ])
 def test_gmm_pipeline_options_match_numpy(options):
-    """Chained tiles (a pipeline of pipelines) and outputs written in pieces give the same
-    products; the interpreter runs every tile in one block, so a chain spans all of them."""
+    """Chained tiles (a pipeline of pipelines), outputs written in pieces and warpgroups
+    splitting a tile's rows give the same products; the interpreter runs every tile in one
+    block, so a chain spans all of them."""
     from kernels.gmm_mgpu import GmmTiling
     from kernels.grouped_matmul import _gmm_raw, _mode
 
