@@ -71,7 +71,7 @@ def gmm_tiling(k: int, n: int, itemsize: int = 2, out_itemsize: int = 2, *,
     ``pingpong``: the kernel with its own ring across tiles (``gmm_stream_mgpu``; up to 8
     stages), cooperative or with each compute warpgroup owning whole tiles. ``split_rows``:
     the cooperative warpgroups split each tile's rows (one 64 x 2·tile_n accumulator each)
-    instead of its columns — 1.003-1.016x on every cooperative pass measured on an H200
+    instead of its columns: 1.002-1.019x on every cooperative pass measured on an H200
     (docs/benchmarks.md, session 18).
     """
     if k % 64:
