@@ -73,6 +73,10 @@ def our_tilings(gm, pass_: str, k: int, n: int, sweep: str) -> list:
     """Our kernel's tilings to time: the default first, then the sweep's variants."""
     if pass_ == "dw":
         base = gm.tgmm_tiling(k, n)
+        if sweep == "wgsplit":  # 256 x 128 tiles (128 x 128 per wg) vs 128 x 256 (64 x 256)
+            other = gm.tgmm_tiling(k, n, split_k=not base.split_k)
+            wide = dataclasses.replace(base, tile_k=64, tile_n=256, split_k=True)
+            return [base, other] + ([wide] if n % 256 == 0 and k % 128 == 0 else [])
         if sweep == "pipeline":
             return [base]
         if sweep == "schedule":  # the warpgroups split the tile's columns or its rows

@@ -1,7 +1,8 @@
 """The library's earlier defaults, patched back in while a benchmark variant traces, so that
 ``benchmarks/fused_experts.py`` can time them beside the current ones in one run: a variant
 named ``<variant>@cooperative``, ``@gridrows``, ``@copytrain``, ``@coopshort``,
-``@colsplit``, ``@gatherrows`` or ``@gmmcols`` (suffixes combine)."""
+``@colsplit``, ``@gatherrows`` or ``@gmmcols`` (suffixes combine); ``@widedw`` is a
+candidate measured and dropped (session 18), kept so that its measurement can be repeated."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import dataclasses
 import functools
 
 PREVIOUS = ("@cooperative", "@gridrows", "@copytrain", "@coopshort", "@colsplit",
-            "@gatherrows", "@gmmcols")
+            "@gatherrows", "@gmmcols", "@widedw")
 
 
 @contextlib.contextmanager
@@ -25,7 +26,8 @@ def previous_schedules(name: str):
     15 it split rows only where columns could not be split, e.g. n = 1408);
     ``…@gatherrows``: gather_tgmm takes tgmm's default tiling (split rows; sessions 15-16);
     ``…@gmmcols``: cooperative gmm and gather_gmm tiles split columns between the warpgroups
-    (two 128 x 128 accumulators; before session 18) instead of rows.
+    (two 128 x 128 accumulators; before session 18) instead of rows; ``…@widedw``: tgmm and
+    gather_tgmm compute 128 x 256 output tiles, 64 x 256 per warpgroup, where they fit.
     Jit traces a custom_vjp's backward when the gradient is traced, so a variant must be
     traced (called first) inside this context, forward and gradient both."""
     import kernels.grouped_matmul as gm
@@ -50,6 +52,17 @@ def previous_schedules(name: str):
         if "@gmmcols" in name:
             gm.gmm_tiling = functools.partial(gm.gmm_tiling, split_rows=False)
             om.gather_gmm_tiling = lambda *a, **kw: gm.gmm_tiling(*a, **kw)
+        if "@widedw" in name:
+            def wide(make):
+                def tiling(k, n, *a, **kw):
+                    t = make(k, n, *a, **kw)
+                    if n % 256 or k % 128:
+                        return t
+                    return dataclasses.replace(t, tile_k=64, tile_n=256, split_k=True)
+                return tiling
+
+            gm.tgmm_tiling = wide(gm.tgmm_tiling)
+            om.gather_tgmm_tiling = wide(om.gather_tgmm_tiling)
         if "@gridrows" in name:
             def on_grid(make, **changes):
                 return lambda *a, **kw: dataclasses.replace(make(*a, **kw), group_aligned=False,

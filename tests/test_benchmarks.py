@@ -62,3 +62,45 @@ def test_expert_matmul_group_sizes_and_row_work():
     assert expert_matmul.row_work(skewed, 128) > expert_matmul.row_work(skewed, 64) > 1.0
     with pytest.raises(ValueError, match="divisible"):
         expert_matmul.group_sizes(100, 64, kind="equal")
+
+
+@pytest.mark.parametrize("sweep", ["none", "small", "pipeline", "schedule", "rows", "wgsplit"])
+def test_expert_matmul_sweeps_list_the_default_first_and_only_fitting_tiles(sweep):
+    """Every sweep starts with the default tiling and lists only tilings whose tiles divide
+    the product (a GPU run would otherwise spend its time on configs that cannot run)."""
+    import expert_matmul
+
+    from kernels import grouped_matmul as gm
+
+    for k, n in [(2048, 1024), (2048, 1408), (2048, 2048)]:
+        for pass_ in ("fwd", "dx", "dw"):
+            tilings = expert_matmul.our_tilings(gm, pass_, k, n, sweep)
+            if pass_ == "dw":
+                assert tilings[0] == gm.tgmm_tiling(k, n)
+                assert all(k % t.block_k == 0 and n % t.block_n == 0 for t in tilings)
+                continue
+            contraction, width = (n, k) if pass_ == "dx" else (k, n)
+            assert tilings[0] == gm.default_gmm_tiling(contraction, width)
+            assert all(contraction % t.tile_k == 0 and width % t.block_n == 0
+                       for t in tilings)
+
+
+def test_benchmark_variants_patch_the_defaults_and_restore_them():
+    """``@gmmcols`` puts the column split back, ``@widedw`` widens tgmm's tiles; suffixes
+    combine, and the library's defaults are back after the variant."""
+    import previous_paths
+
+    from kernels import grouped_matmul as gm
+    from kernels import occult_matmul as om
+
+    before = gm.gmm_tiling(2048, 2048), gm.tgmm_tiling(2048, 2048)
+    odd_width = gm.tgmm_tiling(2048, 1408)
+    assert before[0].split_rows
+    with previous_paths.previous_schedules("pallas@gmmcols@widedw"):
+        assert not gm.gmm_tiling(2048, 2048).split_rows
+        assert not om.gather_gmm_tiling(2048, 2048).split_rows
+        wide = gm.tgmm_tiling(2048, 2048)
+        assert (wide.block_k, wide.block_n) == (128, 256)
+        assert om.gather_tgmm_tiling(2048, 2048).block_n == 256
+        assert gm.tgmm_tiling(2048, 1408) == odd_width  # 256-wide tiles do not fit there
+    assert (gm.gmm_tiling(2048, 2048), gm.tgmm_tiling(2048, 2048)) == before
