@@ -111,7 +111,8 @@ def our_tilings(gm, pass_: str, k: int, n: int, sweep: str) -> list:
         return [base] + [gm.gmm_tiling(contraction, width, **o) for o in options]
     grid = itertools.product((64, 128), (64, 128), (3, 4), (8, 16)) if sweep == "small" else ()
     return [base] + [dataclasses.replace(base, tile_m=tm, tile_n=tn, stages=st,
-                                         grid_tile_width=gw)
+                                         grid_tile_width=gw,
+                                         split_rows=base.split_rows and tm % 128 == 0)
                      for tm, tn, st, gw in grid if width % (2 * tn) == 0]
 
 

@@ -16,9 +16,11 @@ PREVIOUS = ("@cooperative", "@gridrows", "@copytrain", "@coopshort", "@colsplit"
 
 @contextlib.contextmanager
 def previous_schedules(name: str):
-    """For a variant named ``…@cooperative``: gmm and tgmm default to the cooperative
-    column-split schedule (the defaults before 2026-11-24); ``…@gridrows``: row tiles on the
-    tile grid, tgmm's tiles in group order; ``…@copytrain``: the gate|up product copies the
+    """Each suffix undoes one change, so an older default is the combination of the suffixes of
+    the changes made since (the schedule before session 15: ``@coopshort@colsplit@gmmcols``).
+    ``…@cooperative``: gmm and tgmm default to the cooperative schedule, tgmm splitting
+    columns (the defaults before 2026-11-24); ``…@gridrows``: row tiles on the tile grid,
+    tgmm's tiles in group order; ``…@copytrain``: the gate|up product copies the
     rows into item order under differentiation (``gate_up_copied_in_training``);
     ``…@coopshort``: gmm with a contraction of at most 1024 and a 2048-wide output on the
     cooperative kernel, not ping-pong (the default before session 15); ``…@colsplit``: tgmm
@@ -40,8 +42,8 @@ def previous_schedules(name: str):
     try:  # each patch wraps the current function, so suffixes combine
         if "@coopshort" in name:
             gm.PINGPONG_MAX_CONTRACTION = 0
-        if "@cooperative" in name:
-            gm.default_gmm_tiling = gm.gmm_tiling
+        if "@cooperative" in name:  # looked up per call, so later patches of gmm_tiling apply
+            gm.default_gmm_tiling = lambda *a, **kw: gm.gmm_tiling(*a, **kw)
             gm.tgmm_tiling = functools.partial(gm.tgmm_tiling, split_k=False)
         if "@colsplit" in name:
             rows_where_needed = gm.tgmm_tiling

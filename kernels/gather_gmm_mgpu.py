@@ -7,8 +7,8 @@ whole 1024-byte swizzle atom, 8 rows), so the memory warpgroup gathers each lhs 
 ``cp.async`` — 16 bytes per thread and copy, written straight to their swizzled place — and
 each thread's ``cp.async.mbarrier.arrive.noinc`` tells the stage's mbarrier when its copies
 have landed; the weight tile comes by TMA as in ``gmm``. Like ``tgmm``, one stream of stages
-runs across a block's tiles; two compute warpgroups issue wgmma on their halves of the column
-block and write the rows their group owns.
+runs across a block's tiles; two compute warpgroups issue wgmma on their halves of the tile
+(rows with ``split_rows``, else columns) and write the rows their group owns.
 
 Pallas exposes neither ``cp.async`` nor raw mbarriers, so both are reached through
 ``plgpu.inline_mgpu``. The Mosaic GPU interpreter cannot run that: this kernel is GPU-only
@@ -27,6 +27,7 @@ from kernels import platform
 from kernels.gmm_mgpu import (
     GmmTiling,
     _smem_transforms,
+    check_tiles,
     output_staging,
     warpgroup_operands,
     warpgroup_part,
@@ -157,6 +158,9 @@ def gather_gmm_call(
     wm, wn = tiling.wg_tile
     if tk * x.dtype.itemsize != 128:
         raise ValueError("the gathered matmul copies 128-byte rows: tile_k must be 64 (16-bit)")
+    if tiling.pingpong:
+        raise ValueError("the gathered matmul runs cooperative tiles; use pingpong=False")
+    check_tiles(k, n, tiling, None, interpret=False)
     n_iters, k_iters = n // bn, k // tk
     stages = tiling.stages
     transforms = _smem_transforms(tk, x.dtype)

@@ -3,7 +3,8 @@
 A persistent kernel: one block per SM walks the (row tile, column tile) grid of the schedule in
 ``schedule.row_tiles``. Each block runs a warp-specialised pipeline — one memory warpgroup
 streams ``lhs`` and ``rhs`` tiles through TMA into a ring of shared-memory stages, two compute
-warpgroups issue wgmma on their halves of the column tile and accumulate in float32 registers.
+warpgroups issue wgmma on their halves of the tile (its rows with ``split_rows``, else its
+columns) and accumulate in float32 registers.
 A tile writes back only the rows its group owns, with TMA stores of power-of-two row counts
 (any count below ``2 * tile_m`` is a sum of those). Tiles whose group is empty are not visited;
 rows past the last group are written as zeros, in a second loop after the real tiles (or left
@@ -36,8 +37,9 @@ from kernels.schedule import RowTiles, first_row
 
 @dataclasses.dataclass(frozen=True)
 class GmmTiling:
-    """Tile sizes: a block computes ``tile_m x 2*tile_n`` (two compute warpgroups), or with
-    ``pingpong`` each compute warpgroup its own ``tile_m x tile_n`` tiles."""
+    """Tile sizes: a block computes ``tile_m x 2*tile_n`` (two compute warpgroups, each half
+    of its columns, or with ``split_rows`` half of its rows), or with ``pingpong`` each compute
+    warpgroup its own ``tile_m x tile_n`` tiles."""
 
     tile_m: int = 128
     tile_n: int = 128
@@ -217,6 +219,10 @@ def check_tiles(k: int, n: int, tiling: GmmTiling, combine, interpret: bool) -> 
     if tiling.split_rows and (tiling.pingpong or tiling.tile_m % 128):
         raise ValueError("split_rows needs the cooperative schedule and tile_m a multiple of "
                          f"128; got tile_m={tiling.tile_m}, pingpong={tiling.pingpong}")
+    (wm, wn), (em, en) = tiling.wg_tile, tiling.out_tile
+    if wm % em or wn % en:
+        raise ValueError(f"output pieces of {em} x {en} (epi_tile) do not divide a warpgroup's "
+                         f"{wm} x {wn} tile; use grouped_matmul.gmm_tiling")
     if combine is not None and (interpret or tiling.out_tile[0] != tiling.out_tile[1]):
         raise ValueError("the combining grouped matmul runs compiled only, with square "
                          "output pieces (epi_tile)")

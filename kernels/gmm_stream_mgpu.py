@@ -10,7 +10,7 @@ in flight (``wgmma_wait(1)``) and releases a stage once the wgmma after it is is
 schedules of the compute warpgroups:
 
 * cooperative (``pingpong=False``): both work on every ``tile_m x 2*tile_n`` tile, one half of
-  its columns each, sharing the ``lhs`` stage;
+  its rows each (``split_rows``, sharing the ``rhs`` stage) or of its columns (sharing ``lhs``);
 * ping-pong (``pingpong=True``): the block's tiles, ``tile_m x tile_n`` each, alternate between
   them — warpgroup ``j % 2`` computes the ``j``-th alone, so one warpgroup's output write
   overlaps the other's k-steps (CUTLASS's "ping-pong" Hopper schedule). A stage's "loaded"

@@ -71,8 +71,8 @@ def gmm_tiling(k: int, n: int, itemsize: int = 2, out_itemsize: int = 2, *,
     ``pingpong``: the kernel with its own ring across tiles (``gmm_stream_mgpu``; up to 8
     stages), cooperative or with each compute warpgroup owning whole tiles. ``split_rows``:
     the cooperative warpgroups split each tile's rows (one 64 x 2·tile_n accumulator each)
-    instead of its columns: 1.002-1.019x on every cooperative pass measured on an H200
-    (docs/benchmarks.md, session 18).
+    instead of its columns: 1.002-1.019x on every cooperative pass measured on an H200,
+    neutral in the MoE expert compute (docs/benchmarks.md, session 18).
     """
     if k % 64:
         raise ValueError(f"the Pallas grouped matmul needs the contraction size {k} to be a "
@@ -93,12 +93,12 @@ def gmm_tiling(k: int, n: int, itemsize: int = 2, out_itemsize: int = 2, *,
 
 def default_gmm_tiling(k: int, n: int, itemsize: int = 2, out_itemsize: int = 2) -> GmmTiling:
     """The schedule ``gmm`` runs by default, the fastest measured (docs/benchmarks.md): ping-pong
-    where the cooperative kernel would split 128-wide columns into 64-wide halves (n an odd
-    multiple of 128, e.g. 1408), on narrow outputs (n <= 1024: half-width tiles even out the
-    last wave; H200 0.99-1.06x, H100 0.98-1.04x the cooperative kernel) and on short
-    contractions (k <= PINGPONG_MAX_CONTRACTION: one warpgroup's output write overlaps the
-    other's few k-steps), the streamed cooperative kernel where chained tiles do not fit the
-    stage count, else the cooperative kernel with chained tiles."""
+    where cooperative tiles could only be 128 x 128 (n an odd multiple of 128, e.g. 1408), on
+    narrow outputs (n <= 1024: half-width tiles even out the last wave; H200 0.99-1.06x, H100
+    0.98-1.04x the cooperative kernel) and on short contractions (k <=
+    PINGPONG_MAX_CONTRACTION: one warpgroup's output write overlaps the other's few k-steps),
+    the streamed cooperative kernel where chained tiles do not fit the stage count, else the
+    cooperative kernel with chained tiles."""
     if n % 128 == 0 and (n % 256 or n <= 1024 or k <= PINGPONG_MAX_CONTRACTION):
         return gmm_tiling(k, n, itemsize, out_itemsize, pingpong=True)
     tiling = gmm_tiling(k, n, itemsize, out_itemsize)

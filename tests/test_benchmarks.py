@@ -71,6 +71,7 @@ def test_expert_matmul_sweeps_list_the_default_first_and_only_fitting_tiles(swee
     import expert_matmul
 
     from kernels import grouped_matmul as gm
+    from kernels.gmm_mgpu import check_tiles
 
     for k, n in [(2048, 1024), (2048, 1408), (2048, 2048)]:
         for pass_ in ("fwd", "dx", "dw"):
@@ -81,8 +82,8 @@ def test_expert_matmul_sweeps_list_the_default_first_and_only_fitting_tiles(swee
                 continue
             contraction, width = (n, k) if pass_ == "dx" else (k, n)
             assert tilings[0] == gm.default_gmm_tiling(contraction, width)
-            assert all(contraction % t.tile_k == 0 and width % t.block_n == 0
-                       for t in tilings)
+            for t in tilings:  # what the kernels check before they trace
+                check_tiles(contraction, width, t, None, interpret=False)
 
 
 def test_benchmark_variants_patch_the_defaults_and_restore_them():
@@ -101,6 +102,7 @@ def test_benchmark_variants_patch_the_defaults_and_restore_them():
         assert not om.gather_gmm_tiling(2048, 2048).split_rows
         wide = gm.tgmm_tiling(2048, 2048)
         assert (wide.block_k, wide.block_n) == (128, 256)
-        assert om.gather_tgmm_tiling(2048, 2048).block_n == 256
+        gathered = om.gather_tgmm_tiling(2048, 2048)
+        assert (gathered.split_k, gathered.tile_k, gathered.tile_n) == (True, 64, 256)
         assert gm.tgmm_tiling(2048, 1408) == odd_width  # 256-wide tiles do not fit there
     assert (gm.gmm_tiling(2048, 2048), gm.tgmm_tiling(2048, 2048)) == before

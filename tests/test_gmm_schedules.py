@@ -225,6 +225,9 @@ def test_tiles_that_do_not_divide_the_product_are_refused():
     with pytest.raises(ValueError, match="do not divide"):
         _gmm_raw(x, w, sizes, jnp.float32, False, _mode(None),
                  GmmTiling(tile_n=128, stages=2, pingpong=True))
+    with pytest.raises(ValueError, match="do not divide a warpgroup's 64 x 256 tile"):
+        _gmm_raw(x, jnp.ones((2, 256, 256), jnp.bfloat16), sizes, jnp.float32, False,
+                 _mode(None), GmmTiling(stages=2, split_rows=True, epi_tile=128))
     with pytest.raises(ValueError, match="split_rows needs the cooperative"):
         _gmm_raw(x, jnp.ones((2, 256, 256), jnp.bfloat16), sizes, jnp.float32, False,
                  _mode(None), GmmTiling(stages=2, pingpong=True, split_rows=True))
@@ -233,17 +236,20 @@ def test_tiles_that_do_not_divide_the_product_are_refused():
                   TgmmTiling(tile_k=128, tile_n=128, split_k=True, stages=2))
 
 
-@pytest.mark.parametrize("pingpong,split_rows", [(False, False), (True, False), (False, True)])
-def test_streamed_kernel_lowers_for_cuda(pingpong, split_rows):
-    """The compiled streamed gmm (cooperative, columns or rows split, and ping-pong), forward
-    and transposed, is one Mosaic GPU kernel each."""
+@pytest.mark.parametrize("stream,pingpong,split_rows", [
+    (True, False, False), (True, True, False), (True, False, True), (False, False, True),
+    (False, False, False)])
+def test_gmm_kernels_lower_for_cuda(stream, pingpong, split_rows):
+    """The compiled gmm (streamed: cooperative, columns or rows split, and ping-pong; chained
+    cooperative, either split), forward and transposed, is one Mosaic GPU kernel each."""
     from conftest import mosaic_gpu_calls
 
     bf16 = jnp.bfloat16
-    m, k, n, g = 1024, 256, 384, 8
+    m, k, n, g = 1024, 256, 512, 8  # chained both ways: 4 and 8 k-steps
     for transpose in (False, True):
-        tiling = gm.gmm_tiling(n if transpose else k, k if transpose else n, stream=True,
+        tiling = gm.gmm_tiling(n if transpose else k, k if transpose else n, stream=stream,
                                pingpong=pingpong, split_rows=split_rows)
+        assert stream or tiling.chain
 
         def forward(x, w, sizes, transpose=transpose, tiling=tiling):
             return gm._gmm_raw(x, w, sizes, bf16, transpose, "gpu", tiling)

@@ -119,23 +119,26 @@ def test_tgmm_matches_numpy_and_zeroes_empty_groups():
 @pytest.mark.parametrize("options", [
     dict(chain=True), dict(epi_tile=64), dict(epi_tile=64, tile_n=128, chain=True),
     dict(split_rows=True), dict(split_rows=True, epi_tile=64, chain=True),
+    dict(split_rows=True, transpose=True), dict(split_rows=True, epi_tile=64, transpose=True),
 ])
 def test_gmm_pipeline_options_match_numpy(options):
     """Chained tiles (a pipeline of pipelines), outputs written in pieces and warpgroups
     splitting a tile's rows give the same products; the interpreter runs every tile in one
-    block, so a chain spans all of them."""
+    block, so a chain spans all of them. ``transpose``: weights given as [G, N, K] (dX)."""
     from kernels.gmm_mgpu import GmmTiling
     from kernels.grouped_matmul import _gmm_raw, _mode
 
+    options = dict(options)
+    transpose = options.pop("transpose", False)
     rng = np.random.default_rng()
     m, k, n, g = 333, 256, 256, 5
     sizes = random_sizes(rng, m, g, empty=1, tail=40)
     x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
-    w = jnp.asarray(rng.standard_normal((g, k, n)), jnp.bfloat16)
+    w = jnp.asarray(rng.standard_normal((g, n, k) if transpose else (g, k, n)), jnp.bfloat16)
     tiling = GmmTiling(**{"tile_n": 64, "tile_k": 64, "stages": 2, **options})
-    got = np.asarray(_gmm_raw(x, w, jnp.asarray(sizes), jnp.float32, False, _mode(None), tiling),
-                     np.float64)
-    want = np_gmm(f64(x), f64(w), sizes, False)
+    got = np.asarray(_gmm_raw(x, w, jnp.asarray(sizes), jnp.float32, transpose, _mode(None),
+                              tiling), np.float64)
+    want = np_gmm(f64(x), f64(w), sizes, transpose)
     assert not np.isnan(got).any(), "unwritten output rows"
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4 * np.abs(want).max())
     assert np.all(got[sizes.sum():] == 0)
@@ -178,11 +181,16 @@ def test_many_tiles_per_block_match_numpy_on_gpu():
     w = jnp.asarray(rng.standard_normal((g, k, n)), jnp.bfloat16)
     dy = jnp.asarray(rng.standard_normal((m, n)), jnp.bfloat16)
     gs = jnp.asarray(sizes)
-    # bf16 output: the tiling that chains (float32 staging leaves room for 3 stages, not 4).
-    assert gm.gmm_tiling(k, n).chain
-    got = f64(gm.gmm(x, w, gs))
-    want = np_gmm(f64(x), f64(w), sizes, False)
-    np.testing.assert_allclose(got, want, rtol=1e-2, atol=1e-2 * np.abs(want).max())
+    # bf16 output: the tiling that chains (float32 staging leaves room for 3 stages, not 4);
+    # the warpgroups splitting each tile's rows (the default) or its columns, forward and dX
+    for (transpose, lhs), split_rows in itertools.product(((False, x), (True, dy)),
+                                                          (True, False)):
+        tiling = gm.gmm_tiling(n if transpose else k, k if transpose else n,
+                               split_rows=split_rows)
+        assert tiling.chain
+        got = f64(gm._gmm_raw(lhs, w, gs, jnp.bfloat16, transpose, "gpu", tiling))
+        want = np_gmm(f64(lhs), f64(w), sizes, transpose)
+        np.testing.assert_allclose(got, want, rtol=1e-2, atol=1e-2 * np.abs(want).max())
     got = np.asarray(gm.tgmm(x, dy, gs, preferred_element_type=jnp.float32), np.float64)
     want = np_tgmm(f64(x), f64(dy), sizes)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4 * np.abs(want).max())
