@@ -93,8 +93,7 @@ def our_tilings(gm, pass_: str, k: int, n: int, sweep: str) -> list:
     if sweep == "wgsplit":
         pingpong = gm.gmm_tiling(contraction, width, pingpong=True)
         wide = dataclasses.replace(pingpong, tile_m=64, tile_n=256)  # one 64 x 256 per wg
-        wide_stage = (64 * wide.tile_k + wide.tile_k * 256) * 2
-        wide = dataclasses.replace(wide, stages=gm._stages(wide_stage, 4 * 64 * 64 * 2, 8))
+        wide = dataclasses.replace(wide, stages=gm.gmm_stages(wide))
         return [base, pingpong] + [gm.gmm_tiling(contraction, width, **o) for o in (
             dict(split_rows=False), dict(), dict(stream=True, split_rows=False),
             dict(stream=True)

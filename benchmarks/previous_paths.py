@@ -38,7 +38,6 @@ def previous_schedules(name: str):
 
     saved = gm.default_gmm_tiling, gm.gmm_tiling, gm.tgmm_tiling, gm.PINGPONG_MAX_CONTRACTION
     saved_gather, saved_gate_up = om.gather_tgmm_tiling, experts.gate_up_items
-    saved_gather_gmm = om.gather_gmm_tiling
     try:  # each patch wraps the current function, so suffixes combine
         if "@coopshort" in name:
             gm.PINGPONG_MAX_CONTRACTION = 0
@@ -52,8 +51,7 @@ def previous_schedules(name: str):
         if "@gatherrows" in name:
             om.gather_tgmm_tiling = lambda *a, **kw: gm.tgmm_tiling(*a, **kw)
         if "@gmmcols" in name:
-            gm.gmm_tiling = functools.partial(gm.gmm_tiling, split_rows=False)
-            om.gather_gmm_tiling = lambda *a, **kw: gm.gmm_tiling(*a, **kw)
+            gm.gmm_tiling = functools.partial(gm.gmm_tiling, split_rows=False)  # gather_gmm too
         if "@widedw" in name:
             def wide(make):
                 def tiling(k, n, *a, **kw):
@@ -79,7 +77,6 @@ def previous_schedules(name: str):
         (gm.default_gmm_tiling, gm.gmm_tiling, gm.tgmm_tiling,
          gm.PINGPONG_MAX_CONTRACTION) = saved
         om.gather_tgmm_tiling, experts.gate_up_items = saved_gather, saved_gate_up
-        om.gather_gmm_tiling = saved_gather_gmm
 
 
 def gate_up_copied_in_training(rows, item_row, row_items, group_sizes, w_gate_up):

@@ -181,8 +181,10 @@ def write_tile(values, out_smem, out_gmem, dest_gmem, lo, hi, row0, col0,
 
 
 def warpgroup_part(tiling: GmmTiling, wg, lo, hi, row0, col0):
-    """A cooperative tile's ``(lo, hi, row0, col0)`` as seen by compute warpgroup ``wg``: its
-    half of the rows (``split_rows``) or of the columns."""
+    """A tile's ``(lo, hi, row0, col0)`` as seen by compute warpgroup ``wg``: its half of the
+    rows (``split_rows``) or of the columns, or all of it (``pingpong``: the tile is its own)."""
+    if tiling.pingpong:
+        return lo, hi, row0, col0
     if tiling.split_rows:
         half = tiling.tile_m // 2
         return lo - wg * half, hi - wg * half, row0 + wg * half, col0
@@ -190,7 +192,9 @@ def warpgroup_part(tiling: GmmTiling, wg, lo, hi, row0, col0):
 
 
 def warpgroup_operands(tiling: GmmTiling, wg, a_smem, b_smem, transpose_rhs: bool):
-    """The shared-memory operands of warpgroup ``wg``'s wgmma in a cooperative tile."""
+    """The shared-memory operands of warpgroup ``wg``'s wgmma (all of them with ``pingpong``)."""
+    if tiling.pingpong:
+        return a_smem, b_smem
     if tiling.split_rows:
         half = tiling.tile_m // 2
         return a_smem.at[pl.ds(wg * half, half)], b_smem

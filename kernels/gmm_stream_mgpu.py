@@ -124,9 +124,8 @@ def gmm_stream_call(
                 plgpu.barrier_wait(consumed.at[lax.rem(step, stages)])
 
         def write(values, ti, ni):
-            part = (lo_ref[ti], hi_ref[ti], first_row(row0_ref, ti), ni * tile_cols)
-            if not pingpong:
-                part = warpgroup_part(tiling, wg, *part)
+            part = warpgroup_part(tiling, wg, lo_ref[ti], hi_ref[ti], first_row(row0_ref, ti),
+                                  ni * tile_cols)
             write_tile(values, out_smem.at[wg], out_gmem, dest_gmem, *part, tiling)
 
         def my_tile(j):
@@ -144,9 +143,8 @@ def gmm_stream_call(
                         slot = lax.rem(step0 + kk, stages)
                         plgpu.barrier_wait(a_loaded.at[barriers + slot])
                         plgpu.barrier_wait(b_loaded.at[barriers + slot])
-                        a, b = a_smem.at[slot], b_smem.at[slot]
-                        if not pingpong:
-                            a, b = warpgroup_operands(tiling, wg, a, b, transpose_rhs)
+                        a, b = warpgroup_operands(tiling, wg, a_smem.at[slot], b_smem.at[slot],
+                                                  transpose_rhs)
                         mma(acc, a, b, transpose_a=False,
                             transpose_b=transpose_rhs, wait=False,
                             scratch=scratch and (scratch[0].at[wg], scratch[1].at[wg]))

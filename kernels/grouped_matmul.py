@@ -80,15 +80,23 @@ def gmm_tiling(k: int, n: int, itemsize: int = 2, out_itemsize: int = 2, *,
     t = GmmTiling(tile_n=_columns(n, "the output width", 1 if pingpong else 2),
                   epi_tile=epi_tile, stream=stream, pingpong=pingpong,
                   split_rows=split_rows and not pingpong)
+    stages = gmm_stages(t, itemsize, out_itemsize, combine=combine)
+    if stream or pingpong:
+        return dataclasses.replace(t, stages=stages)
+    chain = chain and (k // t.tile_k) % stages == 0
+    return dataclasses.replace(t, stages=stages, chain=chain)
+
+
+def gmm_stages(t: GmmTiling, itemsize: int = 2, out_itemsize: int = 2, *,
+               combine: bool = False) -> int:
+    """Most pipeline stages of tiling ``t`` that fit in shared memory beside its output
+    staging (float32 pieces with ``combine``): up to 8 for the kernels with their own ring
+    (streamed, ping-pong), MAX_STAGES for JAX's pipeline."""
     stage = (t.tile_m * t.tile_k + t.tile_k * t.block_n) * itemsize
     out_bytes = 2 * t.out_slots * t.out_tile[0] * t.out_tile[1] * out_itemsize
     if combine:
         out_bytes = 2 * t.out_tile[0] * t.out_tile[1] * 4
-    if stream or pingpong:
-        return dataclasses.replace(t, stages=_stages(stage, out_bytes, most=8))
-    stages = _stages(stage, out_bytes)
-    chain = chain and (k // t.tile_k) % stages == 0
-    return dataclasses.replace(t, stages=stages, chain=chain)
+    return _stages(stage, out_bytes, most=8 if t.stream or t.pingpong else MAX_STAGES)
 
 
 def default_gmm_tiling(k: int, n: int, itemsize: int = 2, out_itemsize: int = 2) -> GmmTiling:
