@@ -55,7 +55,7 @@ def main(argv=None) -> None:
 
     import occult_jax as oj
     from kernels import nvlink_exchange
-    from occult_jax.transport import _move
+    from occult_jax.transport import _move_one
 
     n = jax.device_count()
     mesh = oj.make_mesh(expert=n)
@@ -72,7 +72,7 @@ def main(argv=None) -> None:
                                                       num_devices=n, tiling=tiling,
                                                       validate=False)  # the transport's call
                 else:
-                    w = _move(w, kind, "expert", send[0], recv[0])
+                    w = _move_one(w, kind, "expert", send[0], recv[0])
                 return w, None
 
             return jax.lax.scan(step, words, None, length=steps)[0]

@@ -33,7 +33,8 @@ def parse_args(argv=None):
     p.add_argument("--shapes", default="olmoe,qwen,deepseek")
     p.add_argument("--tokens", type=int, default=16384, help="tokens per device")
     p.add_argument("--modes", default="standard,occult")
-    p.add_argument("--transports", default="dense,ragged")
+    p.add_argument("--transports", default="dense,ragged",
+                   help="comma list; pallas@perlaunch = one kernel per message (before session 19)")
     p.add_argument("--passes", default="fwd,fwd+bwd", help="'' = no timing (C_T, wire bytes only)")
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--expert-matmul", default="auto",
@@ -85,6 +86,7 @@ def main(argv=None):
     experts.BLOCKED_ROWS = args.blocked_rows or experts.BLOCKED_ROWS
     experts.BLOCKED_CHUNK = args.blocked_chunk or experts.BLOCKED_CHUNK
 
+    from previous_paths import previous_transport
     from timing import median_ms
 
     def timed(fn, *a):
@@ -114,18 +116,21 @@ def main(argv=None):
         first = {}  # per cap: outputs must agree across placements, modes and transports
         for placement, slots in slot_maps.items():
             for cap in args.caps.split(","):
-                for mode, transport, matmul in itertools.product(
+                for mode, variant, matmul in itertools.product(
                         args.modes.split(","), args.transports.split(","),
                         args.expert_matmul.split(",")):
                     cfg = base_cfg.replace(
-                        dispatch=mode, transport=transport, expert_matmul=matmul,
+                        dispatch=mode, transport=variant.partition("@")[0],
+                        expert_matmul=matmul,
                         max_devices_per_token=None if cap == "none" else int(cap))
                     layer = oj.MoELayer(cfg, mesh=mesh, rngs=nnx.Rngs(0))
                     layer.router[...] = jnp.asarray(router)
                     if slots is not None:
                         (state,) = oj.apply_placement(nnx.state(layer), {(): slots})
                         nnx.update(layer, state)
-                    row, y = measure(layer, x, cot, args, timed, mesh)
+                    with previous_transport(variant):
+                        row, y = measure(layer, x, cot, args, timed, mesh)
+                    row["transport"] = variant
                     first.setdefault(cap, y)
                     row.update(shape=shape, placement=placement, cap=cap,
                                max_diff=float(np.abs(y - first[cap]).max()))

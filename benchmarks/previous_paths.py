@@ -99,3 +99,23 @@ def gate_up_copied_in_training(rows, item_row, row_items, group_sizes, w_gate_up
 
     product.defvjp(lambda r, w: jax.vjp(copied, r, w), lambda pullback, ct: pullback(ct))
     return product(rows, w_gate_up)
+
+
+@contextlib.contextmanager
+def previous_transport(name: str):
+    """``pallas@perlaunch``: the Pallas transport launches one kernel per message (rows, then
+    their metadata), as before session 19, instead of one kernel per exchange. Like the
+    schedules above, a variant must be traced inside this context."""
+    import occult_jax.transport as transport
+
+    saved = transport._move
+    try:
+        if "@perlaunch" in name:
+            def per_message(messages, kind, axis_name, send_counts, recv_counts):
+                return [saved([w], kind, axis_name, send_counts, recv_counts)[0]
+                        for w in messages]
+
+            transport._move = per_message
+        yield
+    finally:
+        transport._move = saved

@@ -9,6 +9,10 @@ the result equals ``ragged_all_to_all`` into a zero buffer.
 Rows are moved as *lines* of ``line_words`` words (a row is ``W / line_words`` lines), in chunks
 of ``chunk_lines`` lines: TMA load into a shared-memory ring, TMA store to the peer. A tail
 shorter than a chunk goes as power-of-two pieces, so no byte outside the counted rows moves.
+``exchange_messages`` moves several such arrays (same blocks and counts, any widths) in one
+launch, one after another, each with its own lines and ring in a shared-memory scope that the
+next reuses: XLA runs a cross-GPU barrier before every kernel that writes into a peer, so one
+launch per exchange instead of one per array saves a barrier and a handshake each time.
 
 Synchronisation (global semaphores, no NVLink multicast):
 1. *ready*: every block signals every peer, and waits for one signal from each peer before
@@ -85,19 +89,14 @@ def _each_piece(lines, chunk: int, block, blocks: int, fn) -> None:
             size //= 2
 
 
-def _kernel(send_ref, recv_ref, src_ref, out_ref, *, axis_name: str, num_devices: int,
-            cap_lines: int, lines_per_row: int, tiling: ExchangeTiling) -> None:
+def _move_message(send_ref, recv_ref, src_ref, out_ref, *, axis_name: str, num_devices: int,
+                  cap_lines: int, lines_per_row: int, tiling: ExchangeTiling) -> None:
+    """This block's share of one message: its pieces of every peer's rows, then its share of
+    the zero fill past what each peer sends here."""
     n, chunk, stages, blocks = num_devices, tiling.chunk_lines, tiling.stages, tiling.blocks
     me = lax.axis_index(axis_name)
     block = lax.axis_index("block")
-    ready = pl.get_global(plgpu.SemaphoreType.REGULAR((n,)))
-    done = pl.get_global(plgpu.SemaphoreType.REGULAR)
     peers = [lax.rem(me + j, n) for j in range(1, n + 1)]  # this device last
-
-    for p in peers[:-1]:
-        pl.semaphore_signal(ready.at[me], device_id={axis_name: p})
-    for p in peers[:-1]:
-        pl.semaphore_wait(ready.at[p], 1)
 
     def body(ring, bars, zeros):
         zeros[...] = jnp.zeros(zeros.shape, zeros.dtype)
@@ -136,13 +135,37 @@ def _kernel(send_ref, recv_ref, src_ref, out_ref, *, axis_name: str, num_devices
         plgpu.wait_smem_to_gmem(0, wait_read_only=False)
 
     line = tiling.line_words
-    pl.run_scoped(
+    pl.run_scoped(  # scopes run one after another reuse the same shared memory
         body,
         plgpu.SMEM((stages, chunk, line), jnp.uint32),
         plgpu.Barrier(num_barriers=stages),
         plgpu.SMEM((chunk, line), jnp.uint32),
     )
-    for p in peers[:-1]:
+
+
+def _kernel(send_ref, recv_ref, *refs, axis_name: str, num_devices: int,
+            cap_lines: tuple[int, ...], lines_per_row: tuple[int, ...],
+            tilings: tuple[ExchangeTiling, ...]) -> None:
+    """All messages of one exchange in one launch: one handshake, then each message in turn."""
+    n, blocks = num_devices, tilings[0].blocks
+    srcs, outs = refs[: len(tilings)], refs[len(tilings):]
+    me = lax.axis_index(axis_name)
+    block = lax.axis_index("block")
+    ready = pl.get_global(plgpu.SemaphoreType.REGULAR((n,)))
+    done = pl.get_global(plgpu.SemaphoreType.REGULAR)
+    others = [lax.rem(me + j, n) for j in range(1, n)]
+
+    for p in others:
+        pl.semaphore_signal(ready.at[me], device_id={axis_name: p})
+    for p in others:
+        pl.semaphore_wait(ready.at[p], 1)
+
+    for src, out, cap, per_row, tiling in zip(srcs, outs, cap_lines, lines_per_row, tilings,
+                                              strict=True):
+        _move_message(send_ref, recv_ref, src, out, axis_name=axis_name, num_devices=n,
+                      cap_lines=cap, lines_per_row=per_row, tiling=tiling)
+
+    for p in others:
         pl.semaphore_signal(done, device_id={axis_name: p})
 
     @pl.when(block == 0)
@@ -189,28 +212,46 @@ def exchange_rows(words: jax.Array, send_counts: jax.Array, recv_counts: jax.Arr
 
     ``validate``: check the counts (``check_counts``) and raise at run time if they disagree;
     callers that derive recv_counts from send_counts in the same program may skip it."""
-    if words.dtype != jnp.uint32 or words.ndim != 2:
-        raise ValueError(f"exchange_rows moves [rows, words] uint32; got {words.dtype} "
-                         f"{words.shape}")
-    rows, width = words.shape
+    (out,) = exchange_messages([words], send_counts, recv_counts, axis_name=axis_name,
+                               num_devices=num_devices,
+                               tilings=None if tiling is None else [tiling], validate=validate)
+    return out
+
+
+def exchange_messages(messages: list[jax.Array], send_counts: jax.Array,
+                      recv_counts: jax.Array, *, axis_name: str, num_devices: int,
+                      tilings: list[ExchangeTiling] | None = None,
+                      validate: bool = True) -> list[jax.Array]:
+    """``exchange_rows`` of several arrays with the same blocks and counts (rows of different
+    widths: the activations and their metadata) in one kernel launch: one handshake and one
+    launch-side barrier for all of them instead of one per array."""
+    rows = messages[0].shape[0]
+    for words in messages:
+        if words.dtype != jnp.uint32 or words.ndim != 2 or words.shape[0] != rows:
+            raise ValueError(f"exchange_messages moves [rows, words] uint32 arrays with the same "
+                             f"rows ({rows}); got {words.dtype} {words.shape}")
     if rows % num_devices:
         raise ValueError(f"exchange_rows: {rows} rows do not split into {num_devices} blocks")
     if validate:
         check_counts(send_counts, recv_counts, axis_name=axis_name,
                      capacity=rows // num_devices)
-    tiling = tiling or exchange_tiling(width)
-    lines_per_row = width // tiling.line_words
-    cap_lines = rows // num_devices * lines_per_row
-    lines = words.reshape(rows * lines_per_row, tiling.line_words)
-    kernel = functools.partial(_kernel, axis_name=axis_name, num_devices=num_devices,
-                               cap_lines=cap_lines, lines_per_row=lines_per_row, tiling=tiling)
-    out = plgpu.kernel(
+    tilings = list(tilings or [exchange_tiling(w.shape[1]) for w in messages])
+    if len({t.blocks for t in tilings}) != 1 or len(tilings) != len(messages):
+        raise ValueError("exchange_messages: one tiling per message, all with the same blocks")
+    per_row = [w.shape[1] // t.line_words for w, t in zip(messages, tilings, strict=True)]
+    lines = [w.reshape(rows * k, t.line_words)
+             for w, k, t in zip(messages, per_row, tilings, strict=True)]
+    kernel = functools.partial(
+        _kernel, axis_name=axis_name, num_devices=num_devices,
+        cap_lines=tuple(rows // num_devices * k for k in per_row),
+        lines_per_row=tuple(per_row), tilings=tuple(tilings))
+    outs = plgpu.kernel(
         kernel,
-        out_type=jax.ShapeDtypeStruct(lines.shape, jnp.uint32),
-        grid=(tiling.blocks,),
+        out_type=tuple(jax.ShapeDtypeStruct(x.shape, jnp.uint32) for x in lines),
+        grid=(tilings[0].blocks,),
         grid_names=("block",),
         compiler_params=plgpu.CompilerParams(
             lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
-    )(send_counts.astype(jnp.int32), recv_counts.astype(jnp.int32), lines)
-    out = out.reshape(rows, width)
-    return platform.vary_like(out, words, send_counts)
+    )(send_counts.astype(jnp.int32), recv_counts.astype(jnp.int32), *lines)
+    return [platform.vary_like(out.reshape(words.shape), words, send_counts)
+            for out, words in zip(outs, messages, strict=True)]

@@ -7,7 +7,8 @@ start (`send_counts[n]` of them), so a ragged transport can move only those.
 Arrays travel as 32-bit words. A wide array (the activation rows) is its own message, moved
 as it is — bit-cast, never copied into a shared buffer — while the narrow ones (expert ids,
 routing weights) are packed side by side into one small message. A dispatch is therefore two
-collectives, a combine one. (Packing the rows in with the metadata cost a copy of the whole
+collectives, a combine one (the "pallas" transport moves all of an exchange's messages in one
+kernel launch). (Packing the rows in with the metadata cost a copy of the whole
 buffer on each side: ~3.7 of 23 ms in a profile of the standard OLMoE layer on 2×H200.) The
 backward of an exchange is the same exchange run in reverse, on the float cotangents only.
 
@@ -93,12 +94,12 @@ def messages(likes) -> list[list[int]]:
 
 
 def _exchange_arrays(arrays, kind, axis_name, send_counts, recv_counts) -> list[jax.Array]:
+    groups = messages(arrays)
+    packed = [pack([arrays[i] for i in group], _row_multiple(kind)) for group in groups]
+    moved = _move(packed, kind, axis_name, send_counts, recv_counts)
     out = [None] * len(arrays)
-    for group in messages(arrays):
-        likes = [arrays[i] for i in group]
-        words = _move(pack(likes, _row_multiple(kind)), kind, axis_name, send_counts,
-                      recv_counts)
-        for i, value in zip(group, unpack(words, likes), strict=True):
+    for group, words in zip(groups, moved, strict=True):
+        for i, value in zip(group, unpack(words, [arrays[i] for i in group]), strict=True):
             out[i] = value
     return out
 
@@ -146,21 +147,26 @@ def _ragged_primitive():
     return jax.lax.ragged_all_to_all
 
 
-def _move(words, kind, axis_name, send_counts, recv_counts):
+def _move(messages_: list[jax.Array], kind, axis_name, send_counts, recv_counts):
+    """Move each [N*C, words] message; the pallas transport moves them all in one kernel."""
+    if kind == "pallas" and send_counts.shape[0] > 1:
+        from kernels.nvlink_exchange import exchange_messages
+
+        # rows come from `pack(..., _row_multiple("pallas"))`: whole 16-byte units. The counts
+        # need no run-time check: recv_counts is an all_to_all of send_counts (exchange) and
+        # plans never count past a block.
+        return exchange_messages(messages_, send_counts, recv_counts, axis_name=axis_name,
+                                 num_devices=send_counts.shape[0], validate=False)
+    return [_move_one(words, kind, axis_name, send_counts, recv_counts) for words in messages_]
+
+
+def _move_one(words, kind, axis_name, send_counts, recv_counts):
     if kind == "dense":
         return jax.lax.all_to_all(words, axis_name, 0, 0, tiled=True)
     num = send_counts.shape[0]
     if num == 1:  # one device on the axis: its own block, counted rows kept, the rest zeros
         kept = jnp.arange(words.shape[0])[:, None] < send_counts[0]
         return jnp.where(kept, words, jnp.zeros_like(words))
-    if kind == "pallas":
-        from kernels.nvlink_exchange import exchange_rows
-
-        # rows come from `pack(..., _row_multiple("pallas"))`: whole 16-byte units. The counts
-        # need no run-time check: recv_counts is an all_to_all of send_counts (exchange) and
-        # plans never count past a block.
-        return exchange_rows(words, send_counts, recv_counts, axis_name=axis_name,
-                             num_devices=num, validate=False)
     capacity = words.shape[0] // num
     me = jax.lax.axis_index(axis_name)
     starts = (jnp.arange(num) * capacity).astype(jnp.int32)

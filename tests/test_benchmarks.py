@@ -106,3 +106,42 @@ def test_benchmark_variants_patch_the_defaults_and_restore_them():
         assert (gathered.split_k, gathered.tile_k, gathered.tile_n) == (True, 64, 256)
         assert gm.tgmm_tiling(2048, 1408) == odd_width  # 256-wide tiles do not fit there
     assert (gm.gmm_tiling(2048, 2048), gm.tgmm_tiling(2048, 2048)) == before
+
+
+def test_perlaunch_variant_launches_a_kernel_per_message_and_restores():
+    """``pallas@perlaunch`` (moe_layer.py) lowers a dispatch of rows + metadata to two Mosaic
+    kernels, the default to one; the transport is itself again afterwards."""
+    import re
+
+    import jax
+    import jax.numpy as jnp
+    import previous_paths
+    from conftest import cuda_module_text, mesh_or_skip
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    from occult_jax import transport
+
+    mesh = mesh_or_skip(2)
+
+    def local(rows, weight, counts):
+        (out, w), _, _ = transport.exchange((rows, weight), (), kind="pallas",
+                                            axis_name="expert", send_counts=counts)
+        return out, w
+
+    sharded = NamedSharding(mesh, P("expert"))
+    args = [jax.ShapeDtypeStruct((256, 1024), jnp.bfloat16, sharding=sharded),
+            jax.ShapeDtypeStruct((256, 4), jnp.float32, sharding=sharded),
+            jax.ShapeDtypeStruct((4,), jnp.int32, sharding=sharded)]
+
+    def kernels():
+        fn = jax.shard_map(local, mesh=mesh, in_specs=(P("expert"),) * 3,
+                           out_specs=(P("expert"),) * 2)
+        text = cuda_module_text(fn, args, ["mosaic_gpu", "mosaic_gpu_v2"])
+        return len(re.findall(r"custom_call @mosaic_gpu\w*\(", text))
+
+    move = transport._move
+    with previous_paths.previous_transport("pallas@perlaunch"):
+        assert kernels() == 2
+    assert transport._move is move
+    assert kernels() == 1

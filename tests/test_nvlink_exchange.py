@@ -107,6 +107,36 @@ def test_exchange_rows_moves_exactly_the_counted_rows(cap, width, routing):
 
 
 @needs_gpus
+@pytest.mark.parametrize("widths", [(1024, 16), (132, 1040, 4), (64,)])
+@pytest.mark.parametrize("routing", ["random", "all_to_one", "full"])
+def test_exchange_messages_moves_each_message_like_exchange_rows(widths, routing):
+    """Several arrays of different widths in one kernel: each lands as exchange_rows would move
+    it alone (the same NumPy statement), rows past the counts zero."""
+    from kernels.nvlink_exchange import exchange_messages
+
+    n, cap = 2, 300
+    mesh = oj.make_mesh(expert=n)
+    rng = np.random.default_rng()
+    arrays = [rng.integers(0, 2**32, (n, n * cap, w), dtype=np.uint64).astype(np.uint32)
+              for w in widths]
+    send = {"random": rng.integers(0, cap + 1, (n, n)),
+            "all_to_one": np.array([[0, cap]] * n),
+            "full": np.full((n, n), cap)}[routing].astype(np.int32)
+
+    def body(send, recv, *words):
+        return tuple(exchange_messages(list(words), send[0], recv[0], axis_name="expert",
+                                       num_devices=n))
+
+    fn = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(P("expert"),) * (2 + len(widths)),
+                               out_specs=(P("expert"),) * len(widths)))
+    put = functools.partial(jax.device_put, device=NamedSharding(mesh, P("expert")))
+    outs = fn(put(jnp.asarray(send)), put(jnp.asarray(send.T.copy())),
+              *[put(jnp.asarray(a.reshape(n * n * cap, -1))) for a in arrays])
+    for a, got in zip(arrays, outs, strict=True):
+        np.testing.assert_array_equal(np.asarray(got).reshape(a.shape), _expected(a, send))
+
+
+@needs_gpus
 @pytest.mark.parametrize("dispatch", ["standard", "occult"])
 @pytest.mark.parametrize("routing", ["random", "all_on_one_device"])
 def test_layer_matches_dense_transport_bitwise(dispatch, routing):
@@ -134,29 +164,34 @@ def test_layer_matches_dense_transport_bitwise(dispatch, routing):
 
 def test_exchange_kernel_lowers_for_cuda():
     """On any machine: the transport's kernel lowers for CUDA inside shard_map, forward and
-    backward (one Mosaic GPU kernel each) — a guard for API drift between GPU sessions."""
+    backward — one Mosaic GPU kernel per exchange even when the rows, their weights and their
+    expert ids travel as separate messages (a guard for API drift between GPU sessions)."""
     import re
 
-    from occult_jax.transport import exchange
+    from occult_jax.transport import exchange, messages
 
     mesh = mesh_or_skip(2)
-    capacity, width = 64, 1024
+    capacity, width, pairs = 64, 1024, 8
 
-    def local(rows, counts):
-        (out,), _, _ = exchange((rows,), (), kind="pallas", axis_name="expert",
-                                send_counts=counts)
-        return out
+    def local(rows, weight, expert, counts):
+        (out, w), (e,), _ = exchange((rows, weight), (expert,), kind="pallas",
+                                     axis_name="expert", send_counts=counts)
+        return out, w, e
 
-    moved = jax.shard_map(local, mesh=mesh, in_specs=(P("expert"), P("expert")),
-                          out_specs=P("expert"))
+    moved = jax.shard_map(local, mesh=mesh, in_specs=(P("expert"),) * 4,
+                          out_specs=(P("expert"),) * 3)
 
-    def loss(rows, counts):
-        return jnp.sum(moved(rows, counts).astype(jnp.float32))
+    def loss(rows, weight, expert, counts):
+        out, w, _ = moved(rows, weight, expert, counts)
+        return jnp.sum(out.astype(jnp.float32)) + jnp.sum(w)
 
     sharded = NamedSharding(mesh, P("expert"))
     args = [jax.ShapeDtypeStruct((4 * capacity, width), jnp.bfloat16, sharding=sharded),
+            jax.ShapeDtypeStruct((4 * capacity, pairs), jnp.float32, sharding=sharded),
+            jax.ShapeDtypeStruct((4 * capacity, pairs), jnp.int32, sharding=sharded),
             jax.ShapeDtypeStruct((4,), jnp.int32, sharding=sharded)]
-    for fn in (moved, jax.grad(loss)):
+    assert len(messages(args[:3])) == 2  # rows alone; weights and ids together
+    for fn in (moved, jax.grad(loss, argnums=(0, 1))):
         text = cuda_module_text(fn, args, ["mosaic_gpu", "mosaic_gpu_v2"])
         assert len(re.findall(r"custom_call @mosaic_gpu\w*\(", text)) == 1
 
@@ -196,9 +231,10 @@ def test_mismatched_or_out_of_bounds_counts_raise():
 
 @needs_gpus
 @pytest.mark.parametrize("dispatch", ["standard", "occult"])
-def test_wide_rows_two_kernels_back_to_back_match_dense(dispatch):
-    """Rows ≥ transport.WIDE_WORDS travel as their own message: each dispatch is two exchange
-    kernels in a row (rows, then metadata); still bitwise equal to the dense transport."""
+def test_wide_rows_two_messages_match_dense(dispatch):
+    """Rows ≥ transport.WIDE_WORDS travel as their own message: each dispatch moves two
+    messages of different widths (rows, then metadata) in one kernel; still bitwise equal to
+    the dense transport."""
     n, d = 2, 256
     mesh = oj.make_mesh(expert=n)
     cfg = oj.MoEConfig(num_experts=8, top_k=4, d_model=d, d_ff=D_FF, dispatch=dispatch)
