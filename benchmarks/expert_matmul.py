@@ -31,15 +31,16 @@ def parse_args(argv=None):
     p.add_argument("--impls", default="pallas,mgpu,ragged_dot,einsum")
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--sweep", choices=("none", "small", "pipeline", "schedule", "rows",
-                                       "wgsplit"),
+                                       "wgsplit", "tall"),
                    default="small",
                    help="tiling sweep for pallas and mgpu (none: defaults only; pipeline: our "
                         "default tiles with each pipelining option; schedule: cooperative vs "
                         "ping-pong warpgroups; rows: row tiles from each group's start vs on "
                         "the tile grid, dW tiles longest first vs in group order; wgsplit: "
                         "forward/dX warpgroups splitting a tile's columns (two m64n128 wgmmas "
-                        "per k-step) vs its rows (one m64n256); the last four report every "
-                        "variant side by side)")
+                        "per k-step) vs its rows (one m64n256); tall: forward/dX 256 x 128 "
+                        "tiles, 128 x 128 per warpgroup (cuBLAS's shape; session 19, dropped); "
+                        "the last five report every variant side by side)")
     p.add_argument("--sizes", choices=("skewed", "equal"), default="skewed",
                    help="group sizes: Dirichlet-skewed, or M / G each (the einsum's own "
                         "problem: separates our per-row speed from the row work of skew)")
@@ -69,6 +70,13 @@ def row_work(sizes: np.ndarray, tile_m: int) -> float:
     return float(np.sum(blocks.num_blocks)) * tile_m / m
 
 
+def _tall(gm, contraction: int, width: int, stream: bool):
+    t = dataclasses.replace(gm.gmm_tiling(contraction, width, stream=stream), tile_m=256,
+                            tile_n=64, split_rows=True)
+    t = dataclasses.replace(t, stages=gm.gmm_stages(t))
+    return t if stream else dataclasses.replace(t, chain=(contraction // t.tile_k) % t.stages == 0)
+
+
 def our_tilings(gm, pass_: str, k: int, n: int, sweep: str) -> list:
     """Our kernel's tilings to time: the default first, then the sweep's variants."""
     if pass_ == "dw":
@@ -77,7 +85,7 @@ def our_tilings(gm, pass_: str, k: int, n: int, sweep: str) -> list:
             other = gm.tgmm_tiling(k, n, split_k=not base.split_k)
             wide = dataclasses.replace(base, tile_k=64, tile_n=256, split_k=True)
             return [base, other] + ([wide] if n % 256 == 0 and k % 128 == 0 else [])
-        if sweep == "pipeline":
+        if sweep in ("pipeline", "tall"):
             return [base]
         if sweep == "schedule":  # the warpgroups split the tile's columns or its rows
             return [base, gm.tgmm_tiling(k, n, split_k=not base.split_k)]
@@ -98,6 +106,9 @@ def our_tilings(gm, pass_: str, k: int, n: int, sweep: str) -> list:
             dict(split_rows=False), dict(), dict(stream=True, split_rows=False),
             dict(stream=True)
         )] + ([wide] if width % 256 == 0 else [])
+    if sweep == "tall":  # 256 x 128 tiles, each warpgroup 128 x 128 rows-split (cuBLAS's)
+        return [base, gm.gmm_tiling(contraction, width)] + [
+            _tall(gm, contraction, width, stream) for stream in (False, True)]
     if sweep == "schedule":
         return [base] + [gm.gmm_tiling(contraction, width, **o)
                          for o in (dict(), dict(stream=True), dict(pingpong=True))]
@@ -224,7 +235,7 @@ def bench_shape(spec: str, args) -> list[dict]:
                 if err > 2e-2:  # wrong results never count as the best config
                     print(f"  WRONG RESULT {spec} {pass_} {impl} {label}", file=sys.stderr)
                     continue
-                if args.sweep in ("pipeline", "schedule", "rows", "wgsplit") and impl == "pallas":
+                if args.sweep not in ("none", "small") and impl == "pallas":
                     timed_variants.append({"shape": spec, "pass": pass_, "config": label,
                                            "ms": ms, "tflops": flops / ms / 1e9})
                 if best is None or ms < best[1]:

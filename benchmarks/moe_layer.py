@@ -129,8 +129,7 @@ def main(argv=None):
                         (state,) = oj.apply_placement(nnx.state(layer), {(): slots})
                         nnx.update(layer, state)
                     with previous_transport(variant):
-                        row, y = measure(layer, x, cot, args, timed, mesh)
-                    row["transport"] = variant
+                        row, y = measure(layer, x, cot, args, timed, mesh, variant)
                     first.setdefault(cap, y)
                     row.update(shape=shape, placement=placement, cap=cap,
                                max_diff=float(np.abs(y - first[cap]).max()))
@@ -171,7 +170,7 @@ def placements(oj, cfg, router, x, num_devices, methods):
     return out
 
 
-def measure(layer, x, cot, args, timed, mesh):
+def measure(layer, x, cot, args, timed, mesh, variant):
     """One variant: stats, output, and the timings asked for."""
     import jax
     import jax.numpy as jnp
@@ -194,7 +193,7 @@ def measure(layer, x, cot, args, timed, mesh):
     step = jax.jit(jax.grad(loss, argnums=(0, 1)))
     y, stats = fwd(params, x)
     cfg = layer.cfg
-    row = {"mode": cfg.dispatch, "transport": cfg.transport, "matmul": cfg.expert_matmul,
+    row = {"mode": cfg.dispatch, "transport": variant, "matmul": cfg.expert_matmul,
            "ct": float(stats["ct"]),
            "wire_MB": float(stats["wire_bytes"]) / 1e6, "dropped": int(stats["dropped"]),
            "wire_rows_per_token": float(stats["wire_rows"]) / x.shape[0]}
@@ -204,8 +203,8 @@ def measure(layer, x, cot, args, timed, mesh):
     if args.profile:
         from profile_ops import print_ops, top_ops
 
-        print_ops(f"{cfg.dispatch} {cfg.transport} fwd", top_ops(fwd, params, x))
-        print_ops(f"{cfg.dispatch} {cfg.transport} fwd+bwd", top_ops(step, params, x, cot))
+        print_ops(f"{cfg.dispatch} {variant} fwd", top_ops(fwd, params, x))
+        print_ops(f"{cfg.dispatch} {variant} fwd+bwd", top_ops(step, params, x, cot))
     if args.breakdown:
         layout = dataclasses.replace(layer.layout(x.shape[0]), identity_experts=True)
         exchange_only = oj.moe.expert_parallel_fn(cfg, layout, mesh)

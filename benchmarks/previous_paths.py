@@ -2,7 +2,8 @@
 ``benchmarks/fused_experts.py`` can time them beside the current ones in one run: a variant
 named ``<variant>@cooperative``, ``@gridrows``, ``@copytrain``, ``@coopshort``,
 ``@colsplit``, ``@gatherrows`` or ``@gmmcols`` (suffixes combine); ``@widedw`` is a
-candidate measured and dropped (session 18), kept so that its measurement can be repeated."""
+candidate measured and dropped (session 18), kept so that its measurement can be repeated.
+``benchmarks/moe_layer.py`` takes ``pallas@perlaunch`` (``previous_transport``)."""
 
 from __future__ import annotations
 
@@ -103,19 +104,27 @@ def gate_up_copied_in_training(rows, item_row, row_items, group_sizes, w_gate_up
 
 @contextlib.contextmanager
 def previous_transport(name: str):
-    """``pallas@perlaunch``: the Pallas transport launches one kernel per message (rows, then
-    their metadata), as before session 19, instead of one kernel per exchange. Like the
-    schedules above, a variant must be traced inside this context."""
+    """``pallas@perlaunch`` (``benchmarks/moe_layer.py --transports``): the Pallas transport
+    launches one kernel per message (rows, then their metadata), as before session 19, instead
+    of one kernel per exchange. The layer's jitted function is cached per config, and both
+    variants share one, so the cache is cleared on the way in and out: each variant traces its
+    own program. Unknown suffixes are an error."""
+    import occult_jax.moe as moe
     import occult_jax.transport as transport
 
+    base, _, suffix = name.partition("@")
+    if suffix not in ("", "perlaunch") or (suffix and base != "pallas"):
+        raise ValueError(f"transport variant {name!r}: use a transport name, or pallas@perlaunch")
     saved = transport._move
+    moe.expert_parallel_fn.cache_clear()
     try:
-        if "@perlaunch" in name:
-            def per_message(messages, kind, axis_name, send_counts, recv_counts):
+        if suffix == "perlaunch":
+            def per_message(packed, kind, axis_name, send_counts, recv_counts):
                 return [saved([w], kind, axis_name, send_counts, recv_counts)[0]
-                        for w in messages]
+                        for w in packed]
 
             transport._move = per_message
         yield
     finally:
         transport._move = saved
+        moe.expert_parallel_fn.cache_clear()

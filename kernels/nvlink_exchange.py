@@ -89,14 +89,12 @@ def _each_piece(lines, chunk: int, block, blocks: int, fn) -> None:
             size //= 2
 
 
-def _move_message(send_ref, recv_ref, src_ref, out_ref, *, axis_name: str, num_devices: int,
-                  cap_lines: int, lines_per_row: int, tiling: ExchangeTiling) -> None:
-    """This block's share of one message: its pieces of every peer's rows, then its share of
-    the zero fill past what each peer sends here."""
-    n, chunk, stages, blocks = num_devices, tiling.chunk_lines, tiling.stages, tiling.blocks
-    me = lax.axis_index(axis_name)
-    block = lax.axis_index("block")
-    peers = [lax.rem(me + j, n) for j in range(1, n + 1)]  # this device last
+def _move_message(send_ref, recv_ref, src_ref, out_ref, *, axis_name: str, me, block,
+                  peers: list, cap_lines: int, lines_per_row: int,
+                  tiling: ExchangeTiling) -> None:
+    """This block's share of one message: its pieces of every peer's rows (``peers``: this
+    device last), then its share of the zero fill past what each peer sends here."""
+    n, chunk, stages, blocks = len(peers), tiling.chunk_lines, tiling.stages, tiling.blocks
 
     def body(ring, bars, zeros):
         zeros[...] = jnp.zeros(zeros.shape, zeros.dtype)
@@ -153,7 +151,8 @@ def _kernel(send_ref, recv_ref, *refs, axis_name: str, num_devices: int,
     block = lax.axis_index("block")
     ready = pl.get_global(plgpu.SemaphoreType.REGULAR((n,)))
     done = pl.get_global(plgpu.SemaphoreType.REGULAR)
-    others = [lax.rem(me + j, n) for j in range(1, n)]
+    peers = [lax.rem(me + j, n) for j in range(1, n + 1)]  # this device last
+    others = peers[:-1]
 
     for p in others:
         pl.semaphore_signal(ready.at[me], device_id={axis_name: p})
@@ -162,8 +161,8 @@ def _kernel(send_ref, recv_ref, *refs, axis_name: str, num_devices: int,
 
     for src, out, cap, per_row, tiling in zip(srcs, outs, cap_lines, lines_per_row, tilings,
                                               strict=True):
-        _move_message(send_ref, recv_ref, src, out, axis_name=axis_name, num_devices=n,
-                      cap_lines=cap, lines_per_row=per_row, tiling=tiling)
+        _move_message(send_ref, recv_ref, src, out, axis_name=axis_name, me=me, block=block,
+                      peers=peers, cap_lines=cap, lines_per_row=per_row, tiling=tiling)
 
     for p in others:
         pl.semaphore_signal(done, device_id={axis_name: p})
@@ -225,13 +224,16 @@ def exchange_messages(messages: list[jax.Array], send_counts: jax.Array,
     """``exchange_rows`` of several arrays with the same blocks and counts (rows of different
     widths: the activations and their metadata) in one kernel launch: one handshake and one
     launch-side barrier for all of them instead of one per array."""
+    if not messages:
+        return []
     rows = messages[0].shape[0]
     for words in messages:
         if words.dtype != jnp.uint32 or words.ndim != 2 or words.shape[0] != rows:
             raise ValueError(f"exchange_messages moves [rows, words] uint32 arrays with the same "
                              f"rows ({rows}); got {words.dtype} {words.shape}")
     if rows % num_devices:
-        raise ValueError(f"exchange_rows: {rows} rows do not split into {num_devices} blocks")
+        raise ValueError(f"exchange_messages: {rows} rows do not split into {num_devices} "
+                         "blocks")
     if validate:
         check_counts(send_counts, recv_counts, axis_name=axis_name,
                      capacity=rows // num_devices)

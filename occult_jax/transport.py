@@ -15,9 +15,9 @@ backward of an exchange is the same exchange run in reverse, on the float cotang
 * "dense":  `jax.lax.all_to_all` of the whole buffers; runs everywhere.
 * "ragged": `jax.lax.ragged_all_to_all` of the used rows only (GPU/TPU). XLA:CPU lacks it, so on
   CPU an emulation with the same arguments and semantics stands in (`ragged_all_to_all_emulated`).
-* "pallas": the used rows only, written straight into the peers' buffers over NVLink by a
-  Pallas Mosaic GPU kernel per message (`kernels.nvlink_exchange`); GPUs only. Same result as
-  "ragged".
+* "pallas": the used rows only, written straight into the peers' buffers over NVLink by one
+  Pallas Mosaic GPU kernel per exchange, all its messages together
+  (`kernels.nvlink_exchange.exchange_messages`); GPUs only. Same result as "ragged".
 """
 
 from __future__ import annotations
@@ -147,17 +147,17 @@ def _ragged_primitive():
     return jax.lax.ragged_all_to_all
 
 
-def _move(messages_: list[jax.Array], kind, axis_name, send_counts, recv_counts):
+def _move(packed: list[jax.Array], kind, axis_name, send_counts, recv_counts):
     """Move each [N*C, words] message; the pallas transport moves them all in one kernel."""
-    if kind == "pallas" and send_counts.shape[0] > 1:
+    if kind == "pallas" and send_counts.shape[0] > 1 and packed:
         from kernels.nvlink_exchange import exchange_messages
 
         # rows come from `pack(..., _row_multiple("pallas"))`: whole 16-byte units. The counts
         # need no run-time check: recv_counts is an all_to_all of send_counts (exchange) and
         # plans never count past a block.
-        return exchange_messages(messages_, send_counts, recv_counts, axis_name=axis_name,
+        return exchange_messages(packed, send_counts, recv_counts, axis_name=axis_name,
                                  num_devices=send_counts.shape[0], validate=False)
-    return [_move_one(words, kind, axis_name, send_counts, recv_counts) for words in messages_]
+    return [_move_one(words, kind, axis_name, send_counts, recv_counts) for words in packed]
 
 
 def _move_one(words, kind, axis_name, send_counts, recv_counts):
@@ -167,6 +167,8 @@ def _move_one(words, kind, axis_name, send_counts, recv_counts):
     if num == 1:  # one device on the axis: its own block, counted rows kept, the rest zeros
         kept = jnp.arange(words.shape[0])[:, None] < send_counts[0]
         return jnp.where(kept, words, jnp.zeros_like(words))
+    if kind != "ragged":  # "pallas" moves whole exchanges (_move)
+        raise ValueError(f"_move_one moves dense and ragged messages, not {kind!r}")
     capacity = words.shape[0] // num
     me = jax.lax.axis_index(axis_name)
     starts = (jnp.arange(num) * capacity).astype(jnp.int32)

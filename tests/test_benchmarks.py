@@ -64,7 +64,8 @@ def test_expert_matmul_group_sizes_and_row_work():
         expert_matmul.group_sizes(100, 64, kind="equal")
 
 
-@pytest.mark.parametrize("sweep", ["none", "small", "pipeline", "schedule", "rows", "wgsplit"])
+@pytest.mark.parametrize("sweep", ["none", "small", "pipeline", "schedule", "rows", "wgsplit",
+                                   "tall"])
 def test_expert_matmul_sweeps_list_the_default_first_and_only_fitting_tiles(sweep):
     """Every sweep starts with the default tiling and lists only tilings whose tiles divide
     the product (a GPU run would otherwise spend its time on configs that cannot run)."""
@@ -109,8 +110,9 @@ def test_benchmark_variants_patch_the_defaults_and_restore_them():
 
 
 def test_perlaunch_variant_launches_a_kernel_per_message_and_restores():
-    """``pallas@perlaunch`` (moe_layer.py) lowers a dispatch of rows + metadata to two Mosaic
-    kernels, the default to one; the transport is itself again afterwards."""
+    """``pallas@perlaunch`` (moe_layer.py) traces the layer anew with a kernel per message: its
+    forward lowers to three Mosaic kernels (rows, metadata, combine), the default's to two —
+    even when the default was traced first, into the layer's per-config cache."""
     import re
 
     import jax
@@ -120,28 +122,37 @@ def test_perlaunch_variant_launches_a_kernel_per_message_and_restores():
     from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as P
 
+    import occult_jax as oj
     from occult_jax import transport
+    from occult_jax.dispatch import ExpertWeights, Layout
 
     mesh = mesh_or_skip(2)
+    cfg = oj.MoEConfig(num_experts=4, top_k=2, d_model=256, d_ff=64, transport="pallas",
+                       expert_matmul="ragged_dot")
+    layout = Layout(axis_name="expert", all_axes=tuple(mesh.axis_names), num_devices=2,
+                    capacity=32, backend="ragged_dot", platform="gpu")
+    e, d, f = cfg.num_experts, cfg.d_model, cfg.d_ff
 
-    def local(rows, weight, counts):
-        (out, w), _, _ = transport.exchange((rows, weight), (), kind="pallas",
-                                            axis_name="expert", send_counts=counts)
-        return out, w
+    def spec(shape, dtype, *axes):
+        return jax.ShapeDtypeStruct(shape, dtype, sharding=NamedSharding(mesh, P(*axes)))
 
-    sharded = NamedSharding(mesh, P("expert"))
-    args = [jax.ShapeDtypeStruct((256, 1024), jnp.bfloat16, sharding=sharded),
-            jax.ShapeDtypeStruct((256, 4), jnp.float32, sharding=sharded),
-            jax.ShapeDtypeStruct((4,), jnp.int32, sharding=sharded)]
+    weights = ExpertWeights(spec((d, e), jnp.float32), spec((e, d, f), jnp.float32, "expert"),
+                            spec((e, d, f), jnp.float32, "expert"),
+                            spec((e, f, d), jnp.float32, "expert"), spec((e, e), jnp.float32))
+    args = [spec((64, d), jnp.float32, tuple(mesh.axis_names)), weights, spec((e,), jnp.int32)]
 
     def kernels():
-        fn = jax.shard_map(local, mesh=mesh, in_specs=(P("expert"),) * 3,
-                           out_specs=(P("expert"),) * 2)
+        fn = oj.moe.expert_parallel_fn(cfg, layout, mesh)
         text = cuda_module_text(fn, args, ["mosaic_gpu", "mosaic_gpu_v2"])
         return len(re.findall(r"custom_call @mosaic_gpu\w*\(", text))
 
     move = transport._move
+    assert kernels() == 2
     with previous_paths.previous_transport("pallas@perlaunch"):
-        assert kernels() == 2
+        assert kernels() == 3
     assert transport._move is move
-    assert kernels() == 1
+    assert kernels() == 2
+    for name in ("pallas@perlanch", "dense@perlaunch"):
+        with pytest.raises(ValueError, match="pallas@perlaunch"):
+            with previous_paths.previous_transport(name):
+                pass

@@ -294,12 +294,20 @@ def test_layer_fused_bfloat16_close_to_float32():
     def input_grad(layer):
         return jax.grad(lambda x: jnp.sum(layer(x)[0] ** 2))(x)
 
+    # The bfloat16 layer routes the bfloat16-rounded tokens: where two router scores nearly
+    # tie, a token may pick another expert than in float32 — a different, not a wrong, output.
+    # Compare the tokens whose experts agree (all but a few).
+    x2d, router = x.reshape(-1, cfg.d_model), reference.router[...]
+    experts16, experts32 = (np.sort(np.asarray(oj.routing.route(t, router, cfg).expert_ids), -1)
+                            for t in (x2d.astype(jnp.bfloat16), x2d))
+    same = np.all(experts16 == experts32, axis=-1).reshape(x.shape[:-1])
+    assert same.mean() > 0.75, same.mean()
     y16, y32 = fused(x)[0], reference(x)[0]
     assert y16.dtype == x.dtype
     scale = float(np.abs(np.asarray(y32)).max())
-    np.testing.assert_allclose(np.asarray(y16), np.asarray(y32), atol=3e-2 * scale)
+    np.testing.assert_allclose(np.asarray(y16)[same], np.asarray(y32)[same], atol=3e-2 * scale)
     g16, g32 = np.asarray(input_grad(fused)), np.asarray(input_grad(reference))
-    np.testing.assert_allclose(g16, g32, atol=3e-2 * float(np.abs(g32).max()))
+    np.testing.assert_allclose(g16[same], g32[same], atol=3e-2 * float(np.abs(g32).max()))
 
 
 def test_fused_argument_errors():

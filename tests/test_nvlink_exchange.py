@@ -60,6 +60,32 @@ def test_odd_row_width_is_refused():
     assert exchange_tiling(1040).line_words == 16
 
 
+def test_exchange_messages_refuses_mismatched_messages_and_tilings():
+    """Checked while tracing, before any kernel (so on CPU too): messages must be uint32 with
+    the same rows, one tiling each, all with the same blocks."""
+    from kernels.nvlink_exchange import exchange_messages, exchange_tiling
+
+    counts = jnp.zeros((2,), jnp.int32)
+
+    def trace(messages, tilings=None):
+        return jax.eval_shape(lambda *m: exchange_messages(
+            list(m), counts, counts, axis_name="expert", num_devices=2, validate=False,
+            tilings=tilings), *messages)
+
+    rows = jax.ShapeDtypeStruct((64, 16), jnp.uint32)
+    assert trace([]) == []
+    with pytest.raises(ValueError, match="same rows"):
+        trace([rows, jax.ShapeDtypeStruct((32, 16), jnp.uint32)])
+    with pytest.raises(ValueError, match="same rows"):
+        trace([jax.ShapeDtypeStruct((64, 16), jnp.float32)])
+    with pytest.raises(ValueError, match="do not split"):
+        trace([jax.ShapeDtypeStruct((63, 16), jnp.uint32)])
+    with pytest.raises(ValueError, match="same blocks"):
+        trace([rows, rows], [exchange_tiling(16, blocks=8), exchange_tiling(16, blocks=4)])
+    with pytest.raises(ValueError, match="one tiling per message"):
+        trace([rows, rows], [exchange_tiling(16, blocks=8)])
+
+
 def _exchange_fn(mesh, axis):
     from kernels.nvlink_exchange import exchange_rows
 
@@ -107,12 +133,19 @@ def test_exchange_rows_moves_exactly_the_counted_rows(cap, width, routing):
 
 
 @needs_gpus
-@pytest.mark.parametrize("widths", [(1024, 16), (132, 1040, 4), (64,)])
-@pytest.mark.parametrize("routing", ["random", "all_to_one", "full"])
+@pytest.mark.parametrize("widths", [(1024, 16), (132, 1040, 4), (64,), (1024, 16, "stages")])
+@pytest.mark.parametrize("routing", ["random", "all_to_one", "empty", "full"])
 def test_exchange_messages_moves_each_message_like_exchange_rows(widths, routing):
     """Several arrays of different widths in one kernel: each lands as exchange_rows would move
-    it alone (the same NumPy statement), rows past the counts zero."""
-    from kernels.nvlink_exchange import exchange_messages
+    it alone (the same NumPy statement), rows past the counts zero. ``"stages"``: the messages'
+    rings have different depths (so different barrier sets)."""
+    from kernels.nvlink_exchange import exchange_messages, exchange_tiling
+
+    tilings = None
+    if widths[-1] == "stages":
+        widths = widths[:-1]
+        tilings = [exchange_tiling(w, stages=3 - i) for i, w in enumerate(widths)]
+        assert tilings[0].stages != tilings[1].stages
 
     n, cap = 2, 300
     mesh = oj.make_mesh(expert=n)
@@ -121,11 +154,12 @@ def test_exchange_messages_moves_each_message_like_exchange_rows(widths, routing
               for w in widths]
     send = {"random": rng.integers(0, cap + 1, (n, n)),
             "all_to_one": np.array([[0, cap]] * n),
+            "empty": np.zeros((n, n), int),
             "full": np.full((n, n), cap)}[routing].astype(np.int32)
 
     def body(send, recv, *words):
         return tuple(exchange_messages(list(words), send[0], recv[0], axis_name="expert",
-                                       num_devices=n))
+                                       num_devices=n, tilings=tilings))
 
     fn = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(P("expert"),) * (2 + len(widths)),
                                out_specs=(P("expert"),) * len(widths)))
