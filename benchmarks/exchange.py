@@ -6,7 +6,9 @@ Pallas NVLink kernel, in GB/s per GPU on the bytes that really cross (rows sent 
 Each GPU holds ``rows`` rows of ``width`` bf16 (a [N*C, width/2] uint32 buffer, C = rows/N) and
 sends the first ``fill × C`` rows of block p to device p. Dense moves whole blocks whatever the
 fill; ragged and pallas move the counted rows. ``--steps`` exchanges run back to back inside one
-program (each sends the previous result), timed by wall clock; the median of ``--iters``.
+program (each sends the previous result), timed by wall clock; the median of ``--iters``. The
+wall clock includes what runs between the exchanges (the loop's copies, XLA's barrier before a
+Mosaic kernel); ``--device-time`` adds the transfer kernels' own time from a profiler trace.
 Every transport's result is checked against the dense one (rows past the counts excluded).
 Link references: ``ppermute`` (NCCL send/recv of whole blocks, all pairs at once) and
 ``oneway`` (device 0 → 1 only; GB/s of the one sending GPU).
@@ -35,6 +37,10 @@ def parse_args(argv=None):
     p.add_argument("--chunk-kb", default="32", help="pallas: KB per TMA copy (sweeps)")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--iters", type=int, default=5)
+    p.add_argument("--device-time", action="store_true",
+                   help="also time the transfer kernels on the device (profiler trace of GPU 0: "
+                        "the Mosaic kernel for pallas, NCCL kernels otherwise, per exchange; "
+                        "the cross-GPU barrier XLA runs before a Mosaic kernel reported apart)")
     p.add_argument("--peer-copy", action="store_true",
                    help="also time jax.device_put from GPU 0 to GPU 1 (a copy-engine reference)")
     p.add_argument("--out", default=None)
@@ -104,6 +110,16 @@ def main(argv=None) -> None:
             times.append((time.perf_counter() - t) * 1e3)
         return statistics.median(times)
 
+    def device_ms(fn, kind, words, send):
+        """Per exchange: the transfer kernels' device time on GPU 0, and XLA's barrier's."""
+        from profile_ops import top_ops
+
+        ops = top_ops(fn, words, send, send, repeats=2, top=100_000)
+        moving = "mosaic_gpu" if kind == "pallas" else "nccl"
+        moved = sum(ms for _, name, ms in ops if moving in name and "Barrier" not in name)
+        barrier = sum(ms for _, name, ms in ops if "Barrier" in name)
+        return {"device_ms": moved / args.steps, "barrier_ms": barrier / args.steps}
+
     put = functools.partial(jax.device_put, device=NamedSharding(mesh, P("expert")))
     for rows in map(int, args.rows.split(",")):
         cap = rows // n
@@ -137,15 +153,20 @@ def main(argv=None) -> None:
                         ok = ok and not got[:, :, k:].any()
                     ms = wall_ms(program(kind, args.steps, tiling), words, send, send)
                     ms /= args.steps
+                    device = (device_ms(program(kind, args.steps, tiling), kind, words, send)
+                              if args.device_time else {})
                 except Exception as e:  # report and go on with the other variants
                     print(f"  {rows} {fill} {kind} {label}: {type(e).__name__}: {str(e)[:300]}",
                           file=sys.stderr)
                     continue
                 gbs = carried / ms / 1e6
+                if device:  # no GPU kernels (CPU): nan
+                    device["device_GBps"] = (carried / device["device_ms"] / 1e6
+                                             if device["device_ms"] else float("nan"))
                 print(f"  rows {rows} fill {fill} {kind} {label}: {ms:.3f} ms {gbs:.1f} GB/s "
-                      f"ok={ok}", file=sys.stderr, flush=True)
+                      f"ok={ok} {device}", file=sys.stderr, flush=True)
                 rows_out.append({"rows": rows, "fill": fill, "transport": kind, "config": label,
-                                 "ms": ms, "GBps": gbs, "correct": ok})
+                                 "ms": ms, "GBps": gbs, "correct": ok, **device})
 
     if args.peer_copy and n > 1:
         rows = max(map(int, args.rows.split(",")))
@@ -163,13 +184,15 @@ def main(argv=None) -> None:
                              "config": label, "ms": ms, "GBps": gbs, "correct": True})
 
     print(f"\n{'rows/GPU':>9} {'fill':>5} {'transport':10} {'config':14} {'ms':>8} "
-          f"{'GB/s':>7} {'vs dense':>8} ok")
+          f"{'GB/s':>7} {'vs dense':>8} ok  [device: transfer ms, GB/s, barrier ms]")
     for r in rows_out:
         dense = [d for d in rows_out if d["rows"] == r["rows"] and d["fill"] == r["fill"]
                  and d["transport"] == "dense"]
         ratio = dense[0]["ms"] / r["ms"] if dense else float("nan")
         print(f"{r['rows']:9d} {r['fill']:5.2f} {r['transport']:10} {r['config']:14} "
-              f"{r['ms']:8.3f} {r['GBps']:7.1f} {ratio:8.2f} {r['correct']}")
+              f"{r['ms']:8.3f} {r['GBps']:7.1f} {ratio:8.2f} {r['correct']}"
+              + (f"  [{r['device_ms']:.3f} {r['device_GBps']:.1f} {r['barrier_ms']:.3f}]"
+                 if "device_ms" in r else ""))
     if args.out:
         from timing import write_results
 

@@ -156,3 +156,22 @@ def test_perlaunch_variant_launches_a_kernel_per_message_and_restores():
         with pytest.raises(ValueError, match="pallas@perlaunch"):
             with previous_paths.previous_transport(name):
                 pass
+
+
+def test_exchange_script(tmp_path, monkeypatch):
+    """The bandwidth benchmark on the CPU mesh: dense and (emulated) ragged agree with each
+    other, and the device-time path runs (no GPU kernels here, so its GB/s is nan)."""
+    import math
+
+    import exchange
+
+    for name in ("XLA_FLAGS", "NCCL_NVLS_ENABLE"):  # the script sets them; put them back after
+        monkeypatch.setenv(name, os.environ.get(name, ""))
+
+    out = tmp_path / "exchange.json"
+    exchange.main(["--rows", "64", "--width", "64", "--fill", "1,0.5", "--transports",
+                   "dense,ragged", "--steps", "2", "--iters", "1", "--device-time",
+                   "--out", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    assert len(rows) == 2 * 2 and all(r["correct"] for r in rows)
+    assert all(math.isnan(r["device_GBps"]) for r in rows)
