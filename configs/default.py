@@ -51,7 +51,9 @@ def get_config() -> config_dict.ConfigDict:
     c.init_from = ""  # fine-tuning: a workdir or checkpoint step folder to load params from,
     # or "hf:PATH", a Hugging Face checkpoint folder (its config.json sets model and moe shapes)
 
-    c.mesh = config_dict.ConfigDict({"expert": 4, "data": -1})  # -1: the remaining devices
+    # expert 0: auto — the most devices that leave each at least two experts (4 x 2 on 8 CPU
+    # devices, 2 on 2 GPUs, 1 on one); -1: the remaining devices
+    c.mesh = config_dict.ConfigDict({"expert": 0, "data": -1})
 
     c.model = config_dict.ConfigDict({
         "vocab_size": 256,

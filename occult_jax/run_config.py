@@ -96,12 +96,23 @@ def hf_overrides(config: Any, model_cfg: ModelConfig, moe_cfg: MoEConfig) -> lis
     return out
 
 
-def mesh_shape(config: Any, num_devices: int) -> tuple[int, int]:
-    """(expert, data) sizes; -1 means "every device the other axis leaves"."""
+def mesh_shape(config: Any, num_devices: int, num_experts: int = 0) -> tuple[int, int]:
+    """(expert, data) sizes; -1 means "every device the other axis leaves". ``mesh.expert=0``
+    (auto) takes the most devices that the data axis leaves and the experts divide while every
+    device keeps at least two experts (with one each, no token's experts share a device and
+    Occult has nothing to save): 4 × 2 for 8 experts on 8 devices, 2 on 2 GPUs, 1 on one.
+    ``num_experts``: 0 for a model without MoE layers (auto is then 1)."""
     expert, data = int(config.mesh.expert), int(config.mesh.data)
-    for name, value in (("expert", expert), ("data", data)):
-        _require(value == -1 or value >= 1, f"mesh.{name}={value} must be >= 1, or -1 for the "
-                                            "remaining devices.")
+    _require(expert >= -1, f"mesh.expert={expert} must be >= 1, 0 (auto) or -1 for the "
+                           "remaining devices.")
+    _require(data == -1 or data >= 1, f"mesh.data={data} must be >= 1, or -1 for the remaining "
+                                      "devices.")
+    if expert == 0:
+        _require(data == -1 or num_devices % data == 0, f"mesh.data={data} does not divide the "
+                                                        f"{num_devices} devices; pick a divisor.")
+        left = num_devices if data == -1 else num_devices // data
+        expert = max(d for d in range(1, left + 1) if left % d == 0 and (d == 1 or (
+            num_experts % d == 0 and num_experts // d >= 2)))
     if expert == -1 and data == -1:
         expert, data = num_devices, 1
     elif expert == -1 or data == -1:
@@ -161,7 +172,8 @@ def validate(config: Any, num_devices: int, platform: str = "cpu", gpu_capabilit
         raise
     except ValueError as e:  # MoEConfig / ModelConfig validation, HF config.json checks
         raise ConfigError(str(e)) from None
-    expert, data = mesh_shape(config, num_devices)
+    expert, data = mesh_shape(config, num_devices,
+                              moe_cfg.num_experts if model_cfg.moe_layers else 0)
     devices = expert * data
     _require(config.batch_size % devices == 0,
              f"batch_size={config.batch_size} is not divisible by the {devices} devices of the "

@@ -25,6 +25,9 @@ def test_fused_experts_script(tmp_path):
 
 def test_moe_layer_script(tmp_path):
     import moe_layer
+    from conftest import mesh_or_skip
+
+    mesh_or_skip(2)  # the run below asks for an expert axis of 2
 
     out = tmp_path / "layer.json"
     moe_layer.main(["--shapes", "tiny", "--tokens", "32", "--devices", "2", "--iters", "1",

@@ -172,7 +172,10 @@ def test_gin_errors_are_one_line(binding, match):
     ({"batch_size": 12}, "batch_size=12 is not divisible by the 8 devices"),
     ({"data.path": "/no/such/file.txt"}, "does not exist"),
     ({"mesh.expert": 3}, "mesh.expert=3 does not divide the 8 devices"),
-    ({"moe.num_experts": 6, "moe.top_k": 2}, "num_experts=6 is not divisible by mesh.expert"),
+    ({"mesh.expert": 4, "moe.num_experts": 6, "moe.top_k": 2},
+     "num_experts=6 is not divisible by mesh.expert"),
+    ({"mesh.expert": -2}, "mesh.expert=-2 must be"),
+    ({"mesh.data": 3}, "mesh.data=3 does not divide the 8 devices"),
     ({"moe.dispatch": "fast"}, "dispatch='fast' is unknown"),
     ({"moe.top_k": 9}, "top_k=9 exceeds num_experts"),
     ({"model.num_heads": 3}, "not divisible by model.num_heads=3"),
@@ -193,6 +196,26 @@ def test_bad_config_values_fail_before_compiling(tmp_path, changes, match):
     with pytest.raises(run_config.ConfigError, match=match) as info:
         train_lib.setup(config, str(tmp_path))
     assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("devices,experts,data,want", [
+    (8, 8, -1, (4, 2)),  # the CPU default: two experts per device, the rest data-parallel
+    (1, 8, -1, (1, 1)),  # one GPU
+    (2, 8, -1, (2, 1)),
+    (8, 64, -1, (8, 1)),
+    (8, 60, -1, (4, 2)),  # 60 experts do not split over 8
+    (6, 60, -1, (6, 1)),
+    (8, 64, 4, (2, 4)),  # a fixed data axis leaves 2 devices
+    (8, 0, -1, (1, 8)),  # no MoE layers
+    (8, 2, -1, (1, 8)),  # two experts: one device keeps both
+])
+def test_auto_expert_axis_keeps_two_experts_per_device(devices, experts, data, want):
+    """mesh.expert=0 (the default): as many expert devices as divide the devices the data axis
+    leaves and the experts, each keeping at least two experts."""
+    config = frontends.load_config(os.path.join(CONFIGS, "default.py"))
+    assert config.mesh.expert == 0
+    config.mesh.data = data
+    assert run_config.mesh_shape(config, devices, experts) == want
 
 
 def test_mesh_facts_reach_the_config_checks_before_compiling(tmp_path, monkeypatch):
