@@ -95,11 +95,12 @@ def messages(likes) -> list[list[int]]:
 
 def _exchange_arrays(arrays, kind, axis_name, send_counts, recv_counts) -> list[jax.Array]:
     groups = messages(arrays)
-    packed = [pack([arrays[i] for i in group], _row_multiple(kind)) for group in groups]
+    likes = [[arrays[i] for i in group] for group in groups]
+    packed = [pack(group_likes, _row_multiple(kind)) for group_likes in likes]
     moved = _move(packed, kind, axis_name, send_counts, recv_counts)
     out = [None] * len(arrays)
-    for group, words in zip(groups, moved, strict=True):
-        for i, value in zip(group, unpack(words, [arrays[i] for i in group]), strict=True):
+    for group, group_likes, words in zip(groups, likes, moved, strict=True):
+        for i, value in zip(group, unpack(words, group_likes), strict=True):
             out[i] = value
     return out
 
