@@ -13,12 +13,15 @@ import sys
 
 
 def _host_devices(argv: list[str]) -> int:
+    value = "8"
     for i, arg in enumerate(argv):
         if arg.startswith("--host_devices="):
-            return int(arg.split("=", 1)[1])
-        if arg == "--host_devices" and i + 1 < len(argv):
-            return int(argv[i + 1])
-    return 8
+            value = arg.split("=", 1)[1]
+        elif arg == "--host_devices" and i + 1 < len(argv):
+            value = argv[i + 1]
+    if not value.isdigit() or int(value) < 1:
+        sys.exit(f"error: --host_devices={value} must be a positive integer.")
+    return int(value)
 
 
 # Before JAX initialises: only the CPU backend reads this flag, so GPU/TPU runs are unaffected.

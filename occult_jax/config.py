@@ -89,6 +89,10 @@ def _is_int(value) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
+def _is_real(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
 def _one_of(name: str, value: str, choices: tuple[str, ...]) -> None:
     _require(value in choices, f"MoEConfig.{name}={value!r} is unknown; use one of {choices}.")
 
@@ -121,12 +125,14 @@ def validate(cfg: MoEConfig) -> None:
              f"set expert_matmul='pallas' or 'auto' (got {cfg.expert_matmul!r}) or "
              f"precombine='rows'.")
     _one_of("prune_rule", cfg.prune_rule, PRUNE_RULES)
-    _require(cfg.max_devices_per_token is None or cfg.max_devices_per_token >= 1,
-             f"MoEConfig.max_devices_per_token={cfg.max_devices_per_token!r} must be >= 1, "
-             "or None for no cap.")
+    _require(cfg.max_devices_per_token is None
+             or (_is_int(cfg.max_devices_per_token) and cfg.max_devices_per_token >= 1),
+             f"MoEConfig.max_devices_per_token={cfg.max_devices_per_token!r} must be an "
+             "integer >= 1, or None for no cap.")
     _one_of("dtype", cfg.dtype, DTYPES)
     _one_of("param_dtype", cfg.param_dtype, DTYPES)
-    _require(cfg.capacity_factor is None or 0 < cfg.capacity_factor < math.inf,
+    _require(cfg.capacity_factor is None
+             or (_is_real(cfg.capacity_factor) and 0 < cfg.capacity_factor < math.inf),
              f"MoEConfig.capacity_factor={cfg.capacity_factor!r} must be a finite number > 0, "
              "or None for dropless.")
     _require(_is_int(cfg.num_shared_experts) and cfg.num_shared_experts >= 0,
@@ -137,13 +143,26 @@ def validate(cfg: MoEConfig) -> None:
     _require(cfg.num_shared_experts or (cfg.shared_d_ff is None and not cfg.shared_expert_gate),
              "MoEConfig.shared_d_ff and shared_expert_gate configure shared experts; set "
              "num_shared_experts >= 1 or leave them unset.")
-    _require(cfg.routed_scaling_factor > 0,
-             f"MoEConfig.routed_scaling_factor={cfg.routed_scaling_factor} must be > 0.")
+    _require(_is_real(cfg.routed_scaling_factor) and 0 < cfg.routed_scaling_factor < math.inf,
+             f"MoEConfig.routed_scaling_factor={cfg.routed_scaling_factor!r} must be a finite "
+             "number > 0.")
+    for name in ("aux_loss_weight", "z_loss_weight"):
+        value = getattr(cfg, name)
+        _require(_is_real(value) and 0 <= value < math.inf,
+                 f"MoEConfig.{name}={value!r} must be a finite number >= 0 (0 turns it off).")
+    for name in ("renormalize", "shared_expert_gate"):
+        value = getattr(cfg, name)
+        _require(isinstance(value, bool), f"MoEConfig.{name}={value!r} must be True or False.")
+    _require(isinstance(cfg.expert_axis, str) and cfg.expert_axis != "",
+             f"MoEConfig.expert_axis={cfg.expert_axis!r} must name a mesh axis.")
     _validate_groups(cfg)
 
 
 def _validate_groups(cfg: MoEConfig) -> None:
     groups, keep = cfg.num_expert_groups, cfg.topk_groups
+    for name, value in (("num_expert_groups", groups), ("topk_groups", keep)):
+        _require(_is_int(value) and value >= 0,
+                 f"MoEConfig.{name}={value!r} must be an integer >= 0 (0: off).")
     if not groups:
         _require(not keep, f"MoEConfig.topk_groups={keep} needs num_expert_groups >= 1.")
         return
@@ -192,6 +211,8 @@ def validate_for_mesh(cfg: MoEConfig, axis_names: tuple[str, ...], expert_axis_s
              f"max_devices_per_token={cap} devices hold {cap} × "
              f"{cfg.num_experts // max(expert_axis_size, 1)} experts, fewer than top_k="
              f"{cfg.top_k}; raise the cap or lower top_k.")
+    _require(num_tokens >= 1, "the MoE layer got 0 tokens (batch × seq); give it at least "
+                              "one token per device.")
     _require(num_tokens % num_devices == 0,
              f"token count {num_tokens} (batch × seq) is not divisible by the {num_devices} "
              f"devices of the mesh; use a batch × seq that is a multiple of {num_devices}.")

@@ -127,7 +127,9 @@ def reference_moe(x: jax.Array, weights: ExpertWeights, expert_slot: jax.Array,
                   cfg: MoEConfig, num_devices: int = 1) -> tuple[jax.Array, dict]:
     """No expert parallelism: every expert on every token, masked by the routing weights.
 
-    The ground truth other dispatches are tested against. `num_devices` only feeds `stats["ct"]`.
+    The ground truth other dispatches are tested against. `num_devices` places expert slot s on
+    device s // (E / num_devices): it feeds `stats["ct"]` and the device-limited top-k of
+    `cfg.max_devices_per_token` (a cap ≥ num_devices does not bind).
     """
     tokens = x.shape[0]
     experts_per_device = cfg.num_experts // num_devices

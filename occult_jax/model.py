@@ -96,8 +96,20 @@ class ModelConfig:
                              "rope_original_max_len >= 1.")
         if self.attn_scale < 0 or self.qkv_clip < 0:
             raise ValueError("model.attn_scale and model.qkv_clip must be >= 0 (0: default/off).")
+        for name in ("rope_theta", "norm_eps", "latent_norm_eps"):
+            value = getattr(self, name)
+            if not 0 < value < math.inf:
+                raise ValueError(f"model.{name}={value!r} must be a finite number > 0.")
+        if self.moe_every and not self.moe_layers:
+            raise ValueError(f"model.first_dense_layers={self.first_dense_layers} and "
+                             f"dense_layers={list(self.dense_layers)} leave no MoE layer among "
+                             f"num_layers={self.num_layers}; lower them, or set moe_every=0 "
+                             "for a dense model.")
 
     def _validate_mha(self) -> None:
+        if self.head_dim < 0:
+            raise ValueError(f"model.head_dim={self.head_dim} must be >= 0 (0: d_model // "
+                             "num_heads).")
         if self.head_dim == 0 and self.d_model % self.num_heads:
             raise ValueError(f"model.d_model={self.d_model} is not divisible by "
                              f"model.num_heads={self.num_heads}; set model.head_dim or change "

@@ -79,6 +79,11 @@ class MoELayer(nnx.Module):
         if cfg.dispatch != "reference" and mesh is None:
             raise ValueError(f"dispatch={cfg.dispatch!r} needs a mesh; pass "
                              "mesh=oj.make_mesh(...) or use dispatch='reference'.")
+        if mesh is None and cfg.max_devices_per_token is not None:
+            raise ValueError("MoEConfig.max_devices_per_token caps the devices of each token's "
+                             "experts, so it needs a mesh: without one every expert is on one "
+                             "device and no cap binds. Pass mesh=oj.make_mesh(...) "
+                             "(dispatch='reference' runs on meshes too) or unset the cap.")
         if mesh is not None:
             config_lib.validate_for_mesh(cfg, tuple(mesh.axis_names), self._axis_size(cfg, mesh),
                                          mesh.size, mesh.size,

@@ -10,6 +10,12 @@ import jax.numpy as jnp
 from occult_jax import pruning
 from occult_jax.config import MoEConfig
 
+# Added to every normalising sum: sigmoid scores that all underflow to 0 give zero weights
+# instead of 0/0 = NaN. DeepSeek-V3 adds 1e-20, whose square underflows, so the gradient
+# (-top / (sum + eps)²) is still NaN there; 1e-12 keeps it finite in float32 and is below
+# float32 rounding for any sum above 1e-5.
+RENORM_EPS = 1e-12
+
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
@@ -38,7 +44,7 @@ def route(x: jax.Array, router_kernel: jax.Array, cfg: MoEConfig,
         scores = raw
     else:
         raw = jax.nn.sigmoid(logits)
-        scores = raw / jnp.sum(raw, axis=-1, keepdims=True)
+        scores = raw / (jnp.sum(raw, axis=-1, keepdims=True) + RENORM_EPS)
     cap = cfg.max_devices_per_token
     if cfg.num_expert_groups:
         top_raw, expert_ids = group_limited_top_k(raw, cfg.num_expert_groups, cfg.topk_groups,
@@ -50,7 +56,7 @@ def route(x: jax.Array, router_kernel: jax.Array, cfg: MoEConfig,
         top_raw, expert_ids = jax.lax.top_k(raw, cfg.top_k)
     weights = top_raw
     if cfg.renormalize:
-        weights = top_raw / jnp.sum(top_raw, axis=-1, keepdims=True)
+        weights = top_raw / (jnp.sum(top_raw, axis=-1, keepdims=True) + RENORM_EPS)
     if cfg.routed_scaling_factor != 1.0:
         weights = weights * cfg.routed_scaling_factor
     return Routing(expert_ids.astype(jnp.int32), weights, scores, logits)

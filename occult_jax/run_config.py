@@ -166,6 +166,14 @@ def validate(config: Any, num_devices: int, platform: str = "cpu", gpu_capabilit
     _require(0 <= opt.min_lr_ratio <= 1, f"optim.min_lr_ratio={opt.min_lr_ratio} must be in "
                                          "[0, 1].")
     _require(opt.grad_clip >= 0, f"optim.grad_clip={opt.grad_clip} must be >= 0 (0: off).")
+    for name in ("b1", "b2"):
+        _require(0 <= opt[name] < 1, f"optim.{name}={opt[name]} must be in [0, 1).")
+    _require(opt.eps > 0, f"optim.eps={opt.eps} must be > 0.")
+    _require(opt.weight_decay >= 0, f"optim.weight_decay={opt.weight_decay} must be >= 0.")
+    _require(isinstance(config.seed, int) and config.seed >= 0,
+             f"seed={config.seed!r} must be an integer >= 0.")
+    _require(not os.path.exists(config.workdir) or os.path.isdir(config.workdir),
+             f"workdir={config.workdir!r} is a file; give a folder (new or a run's).")
     try:
         model_cfg, moe_cfg = architecture(config)
     except ConfigError:

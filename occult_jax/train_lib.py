@@ -182,7 +182,15 @@ def setup(config: Any, workdir: str) -> Run:
     params, opt_state = _replicate_strays(params, mesh), _replicate_strays(opt_state, mesh)
 
     if start:
-        params, opt_state, _ = checkpointer.restore(start, params, opt_state)
+        try:
+            params, opt_state, _ = checkpointer.restore(start, params, opt_state)
+        except (ValueError, KeyError, TypeError) as e:
+            checkpointer.close()
+            raise ConfigError(
+                f"{checkpointer.directory} step {start} holds another model "
+                f"({type(e).__name__}: {str(e).splitlines()[0][:160]}); resume with the config "
+                f"it was trained with ({os.path.join(workdir, 'config.json')}) or set a new "
+                "workdir.") from None
         notes.append(f"resumed from {checkpointer.directory} step {start}")
     elif config.init_from and not hf_dir:
         try:
@@ -238,9 +246,16 @@ def train_and_evaluate(config: Any, workdir: str | None = None, *,
     run = setup(config, config.workdir)
     workdir = config.workdir
     is_main = jax.process_index() == 0
-    if is_main:
+    if run.start >= config.steps:
+        run.checkpointer.close()
+        if is_main:
+            print(f"{workdir} is at step {run.start}, steps={config.steps}: nothing to train "
+                  "(raise steps to continue).")
+        return {"step": run.start}
+    if is_main:  # config.json: the first run's; a resumed run's goes beside it
         os.makedirs(workdir, exist_ok=True)
-        with open(os.path.join(workdir, "config.json"), "w") as f:
+        name = f"config.resumed_at_{run.start}.json" if run.start else "config.json"
+        with open(os.path.join(workdir, name), "w") as f:
             f.write(_config_json(config))
 
     batch_shard = batch_sharding(run.mesh)

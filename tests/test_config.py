@@ -28,6 +28,22 @@ import occult_jax as oj
     ({"precombine": "sum"}, "precombine='sum' is unknown"),
     ({"precombine": "epilogue", "expert_matmul": "ragged_dot"}, "precombine='epilogue' is an "
      "option of the Pallas expert path"),
+    # Values of the wrong type or out of range are refused here, not at trace time or as NaN.
+    ({"max_devices_per_token": 1.5}, "max_devices_per_token=1.5 must be an integer >= 1"),
+    ({"max_devices_per_token": True}, "max_devices_per_token=True must be an integer"),
+    ({"num_experts": 8, "num_expert_groups": 2.0, "topk_groups": 1},
+     "num_expert_groups=2.0 must be an integer >= 0"),
+    ({"num_expert_groups": 2, "topk_groups": 1.5}, "topk_groups=1.5 must be an integer >= 0"),
+    ({"capacity_factor": "2"}, "capacity_factor='2' must be a finite number > 0"),
+    ({"capacity_factor": True}, "capacity_factor=True must be a finite number > 0"),
+    ({"routed_scaling_factor": float("inf")}, "routed_scaling_factor=inf must be a finite"),
+    ({"routed_scaling_factor": 0.0}, "routed_scaling_factor=0.0 must be a finite number > 0"),
+    ({"aux_loss_weight": float("nan")}, "aux_loss_weight=nan must be a finite number >= 0"),
+    ({"z_loss_weight": -1.0}, "z_loss_weight=-1.0 must be a finite number >= 0"),
+    ({"renormalize": "yes"}, "renormalize='yes' must be True or False"),
+    ({"num_shared_experts": 1, "shared_expert_gate": "no"},
+     "shared_expert_gate='no' must be True or False"),
+    ({"expert_axis": ""}, "expert_axis='' must name a mesh axis"),
 ])
 def test_bad_config_values(changes, needle):
     with pytest.raises(ValueError, match=needle) as info:
@@ -76,6 +92,21 @@ def test_wrong_model_width():
 def test_expert_parallel_dispatch_needs_mesh():
     with pytest.raises(ValueError, match="needs a mesh"):
         oj.MoELayer(oj.MoEConfig(dispatch="occult"), rngs=nnx.Rngs(0))
+
+
+def test_device_cap_needs_a_mesh():
+    # Without a mesh every expert is on one device: the cap could not bind, so it is refused
+    # rather than silently ignored (the reference on a mesh applies it).
+    with pytest.raises(ValueError, match=r"max_devices_per_token caps .* needs a mesh"):
+        oj.MoELayer(oj.MoEConfig(dispatch="reference", max_devices_per_token=1),
+                    rngs=nnx.Rngs(0))
+
+
+def test_empty_batch_is_refused():
+    mesh = mesh_or_skip(2)
+    layer = oj.MoELayer(oj.MoEConfig(d_model=16), mesh=mesh, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="got 0 tokens"):
+        layer(jnp.ones((0, 4, 16)))
 
 
 def test_make_mesh_too_large():

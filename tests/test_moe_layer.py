@@ -318,6 +318,24 @@ def test_shared_experts_and_sigmoid_router():
     assert_trees_close(grads(layer, x, cotangent), grads(reference, x, cotangent))
 
 
+def test_sigmoid_router_with_underflowing_scores_gives_no_nan():
+    # Logits near -120 make every sigmoid score 0 in float32: renormalising must not divide 0/0.
+    rng = np.random.default_rng(41)
+    cfg = oj.MoEConfig(num_experts=8, top_k=2, d_model=D_MODEL, score_fn="sigmoid")
+    x = jnp.asarray(rng.standard_normal((16, D_MODEL)), jnp.float32)
+    router = jnp.asarray(rng.standard_normal((D_MODEL, 8)) * 0.01, jnp.float32)
+    x = x.at[:, 0].set(1.0)
+    shift = jnp.zeros((D_MODEL, 8)).at[0].set(-200.0)  # every logit ≈ -200
+    routing = oj.routing.route(x, router + shift, cfg)
+    assert float(jnp.max(jax.nn.sigmoid(routing.logits))) == 0.0  # the case is really hit
+    assert np.all(np.isfinite(routing.weights)) and np.all(np.isfinite(routing.scores))
+    grad = jax.grad(lambda r: oj.routing.route(x, r, cfg).weights.sum())(router + shift)
+    assert np.all(np.isfinite(grad))
+    # Sums of normal size are unchanged: the same tokens unshifted renormalise to exactly 1.
+    normal = oj.routing.route(x, router, cfg)
+    np.testing.assert_allclose(np.asarray(normal.weights).sum(-1), 1.0, rtol=1e-6)
+
+
 def test_bfloat16_compute_close_to_float32():
     mesh = mesh_or_skip(2, 1)
     cfg = oj.MoEConfig(num_experts=8, top_k=2, d_model=D_MODEL, d_ff=D_FF, dispatch="occult")

@@ -51,6 +51,24 @@ def test_resume_is_bit_exact(tmp_path):
     for step in range(1, 7):
         assert a[step] == b[step], (step, a[step], b[step])  # bit for bit
     assert sorted(os.listdir(resumed / "checkpoints")) == ["4", "6"]  # the last K kept
+    # config.json stays the first run's; the resumed run's config lies beside it
+    assert (resumed / "config.resumed_at_3.json").is_file()
+    first = (resumed / "config.json").read_text()
+    # A finished run: nothing to train, nothing compiled or overwritten.
+    tiny = tiny_config(resumed, checkpoint_every=2, keep_checkpoints=2, seed=1)
+    assert train_lib.train_and_evaluate(tiny, progress=False) == {"step": 6}
+    assert (resumed / "config.json").read_text() == first
+    assert sorted(b) == sorted(losses(resumed))
+
+
+def test_resume_with_another_model_is_a_one_line_error(tmp_path):
+    mesh_or_skip(expert=4, data=2)
+    train_lib.train_and_evaluate(tiny_config(tmp_path, steps=1), progress=False)
+    wider = tiny_config(tmp_path, steps=2, **{"moe.d_ff": 32})
+    with pytest.raises(run_config.ConfigError, match=r"step 1 holds another model .*"
+                       r"resume with the config it was trained with") as info:
+        train_lib.setup(wider, wider.workdir)
+    assert "\n" not in str(info.value)
 
 
 def test_init_from_loads_params_only(tmp_path):
@@ -189,6 +207,16 @@ def test_gin_errors_are_one_line(binding, match):
     ({"moe.transport": "pallas"}, "runs on GPU meshes only"),
     ({"moe.max_devices_per_token": 1, "moe.top_k": 4}, "max_devices_per_token=1 devices hold"),
     ({"moe.expert_axis": "ep"}, "names its expert axis 'expert'"),
+    # values that used to pass and fail at trace time, or train to NaN
+    ({"model.head_dim": -4}, "head_dim=-4 must be >= 0"),
+    ({"model.rope_theta": -1.0}, "rope_theta=-1.0 must be a finite number > 0"),
+    ({"model.norm_eps": -1.0}, "norm_eps=-1.0 must be a finite number > 0"),
+    ({"model.first_dense_layers": 5}, "leave no MoE layer among num_layers=1"),
+    ({"seed": -1}, "seed=-1 must be an integer >= 0"),
+    ({"optim.b1": 1.5}, r"optim.b1=1.5 must be in \[0, 1\)"),
+    ({"optim.eps": -1.0}, "optim.eps=-1.0 must be > 0"),
+    ({"optim.weight_decay": -1.0}, "optim.weight_decay=-1.0 must be >= 0"),
+    ({"moe.aux_loss_weight": -1.0}, "aux_loss_weight=-1.0 must be a finite number >= 0"),
 ])
 def test_bad_config_values_fail_before_compiling(tmp_path, changes, match):
     mesh_or_skip(expert=4, data=2)
@@ -232,6 +260,24 @@ def test_mesh_facts_reach_the_config_checks_before_compiling(tmp_path, monkeypat
     with pytest.raises(run_config.ConfigError, match="spans 2 processes") as info:
         train_lib.setup(config, str(tmp_path))
     assert "\n" not in str(info.value)
+
+
+def test_workdir_that_is_a_file_is_refused(tmp_path):
+    path = tmp_path / "a_file"
+    path.write_text("x")
+    config = tiny_config(path)
+    with pytest.raises(run_config.ConfigError, match="is a file; give a folder"):
+        train_lib.setup(config, str(path))
+
+
+@pytest.mark.parametrize("value", ["abc", "0"])
+def test_cli_refuses_bad_host_devices(value):
+    result = subprocess.run(  # exits before JAX is imported
+        [sys.executable, os.path.join(ROOT, "train.py"), f"--host_devices={value}"],
+        capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": ROOT})
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        f"error: --host_devices={value} must be a positive integer."]
 
 
 def test_cli_reports_config_errors_in_one_line(tmp_path):
