@@ -151,11 +151,11 @@ class MoELayer(nnx.Module):
                                      num_tokens, **facts)
         platform = facts["platform"]
         backend = resolve_backend(cfg.expert_matmul, cfg.d_model, cfg.d_ff, cfg.dtype, platform)
-        if backend in ("pallas", "fused") and platform != kernel_platform.backend():
-            raise ValueError(f"expert_matmul={backend!r} runs its kernels on this process's "
-                             f"default devices ({kernel_platform.backend()}), but the mesh is on "
-                             f"{platform}; build the mesh on the default devices or use "
-                             f"expert_matmul='ragged_dot'.")
+        if platform != kernel_platform.backend():  # row maps, transports, expert kernels
+            raise ValueError(f"the MoE layer picks its kernels for this process's default "
+                             f"devices ({kernel_platform.backend()}), but the mesh is on "
+                             f"{platform}; build the mesh on the default devices "
+                             f"(oj.make_mesh does).")
         return Layout(
             axis_name=cfg.expert_axis,
             all_axes=tuple(mesh.axis_names),

@@ -89,6 +89,16 @@ def test_wrong_model_width():
         layer(jnp.ones((2, 4, 8)))
 
 
+def test_mesh_off_the_default_devices_is_refused(monkeypatch):
+    # Row maps, transports and expert kernels are chosen for the default devices; a mesh of
+    # other devices (a CPU mesh on a GPU host) gets a one-line error, not a failing compile.
+    mesh = mesh_or_skip(2)
+    layer = oj.MoELayer(oj.MoEConfig(d_model=16), mesh=mesh, rngs=nnx.Rngs(0))
+    monkeypatch.setattr(oj.moe.kernel_platform, "backend", lambda: "gpu")
+    with pytest.raises(ValueError, match="default devices \\(gpu\\), but the mesh is on cpu"):
+        layer(jnp.ones((2, 4, 16)))
+
+
 def test_expert_parallel_dispatch_needs_mesh():
     with pytest.raises(ValueError, match="needs a mesh"):
         oj.MoELayer(oj.MoEConfig(dispatch="occult"), rngs=nnx.Rngs(0))

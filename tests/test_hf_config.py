@@ -226,7 +226,7 @@ def test_group_limited_routing_matches_numpy():
     (dict(num_expert_groups=8, topk_groups=1), "fewer than top_k"),
     (dict(topk_groups=2), "needs num_expert_groups"),
     (dict(num_expert_groups=4, topk_groups=2, max_devices_per_token=1), "set one of them"),
-    (dict(routed_scaling_factor=0.0), "routed_scaling_factor=0.0 must be > 0"),
+    (dict(routed_scaling_factor=0.0), "routed_scaling_factor=0.0 must be a finite number > 0"),
 ])
 def test_bad_group_routing_configs(changes, needle):
     with pytest.raises(ValueError) as info:
