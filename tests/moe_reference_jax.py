@@ -15,8 +15,8 @@ def moe_loss(params, x, cotangent, placement, *, top_k, score_fn="softmax", reno
 
     params: (router [d, E], w_gate / w_up [slots, d, f], w_down [slots, f, d]); expert e's
     weights sit in slot placement[e]. aux = E·Σ_e f_e·P_e (f_e: the fraction of assignments,
-    held constant; P_e: the mean score), z = mean(logsumexp(logits)²). keep [T, k]: which
-    assignments count (capacity drops).
+    held constant; P_e: the mean score, sigmoid scores normalised over experts),
+    z = mean(logsumexp(logits)²). keep [T, k]: which assignments count (capacity drops).
     """
     router, w_gate, w_up, w_down = params
     d = router.shape[0]
@@ -39,7 +39,9 @@ def moe_loss(params, x, cotangent, placement, *, top_k, score_fn="softmax", reno
     y = jnp.einsum("te,ted->td", mask, out, precision=HIGHEST).reshape(x.shape)
     counts = jnp.zeros(num_experts).at[ids.reshape(-1)].add(1.0)
     fraction = counts / ids.size
-    aux = num_experts * jnp.sum(fraction * jnp.mean(scores, axis=0))
+    # P_e is the mean of a distribution over experts: sigmoid scores are normalised first
+    probs = scores if score_fn == "softmax" else scores / jnp.sum(scores, -1, keepdims=True)
+    aux = num_experts * jnp.sum(fraction * jnp.mean(probs, axis=0))
     z = jnp.mean(jax.nn.logsumexp(logits, axis=-1) ** 2)
     return jnp.sum(y * cotangent) + aux_weight * aux + z_weight * z, (y, aux, z)
 

@@ -216,7 +216,7 @@ def test_chained_tiles_need_whole_stage_rounds():
 @pytest.mark.parametrize("routing,tiles", [
     ("random", "default"), ("one_group", "default"), ("one_row_each", "default"),
     ("random", "options"), ("random", "pingpong"), ("one_group", "pingpong"),
-    ("random", "stream"),
+    ("random", "stream"), ("tail", "default"), ("tail", "pingpong"),
 ])
 def test_gmm_gradients_match_reference(routing, tiles, monkeypatch):
     """Forward, dX and dW through the custom VJP against XLA's ragged_dot; "options" runs the
@@ -226,7 +226,7 @@ def test_gmm_gradients_match_reference(routing, tiles, monkeypatch):
     from kernels.tgmm_mgpu import TgmmTiling
 
     rng = np.random.default_rng()
-    m, k, n, g = 256, 128, 128, 4
+    m, k, n, g = (200 if routing == "tail" else 256), 128, 128, 4  # tail: M off the tiles
     if tiles == "options":
         monkeypatch.setattr(gm, "default_gmm_tiling", lambda k, *a, **kw: GmmTiling(
             tile_n=32, tile_k=64, stages=2, chain=(k // 64) % 2 == 0, epi_tile=32))
@@ -238,7 +238,8 @@ def test_gmm_gradients_match_reference(routing, tiles, monkeypatch):
             stream=True, pingpong=tiles == "pingpong"))
     sizes = {"random": random_sizes(rng, m, g),
              "one_group": np.eye(g, dtype=np.int32)[rng.integers(g)] * m,
-             "one_row_each": np.array([1] * (g - 1) + [m - g + 1], np.int32)}[routing]
+             "one_row_each": np.array([1] * (g - 1) + [m - g + 1], np.int32),
+             "tail": random_sizes(rng, m, g, tail=37)}[routing]
     x = jnp.asarray(rng.standard_normal((m, k)), jnp.float32)
     w = jnp.asarray(rng.standard_normal((g, k, n)) / np.sqrt(k), jnp.float32)
     cot = jnp.asarray(rng.standard_normal((m, n)), jnp.float32)
@@ -253,6 +254,7 @@ def test_gmm_gradients_match_reference(routing, tiles, monkeypatch):
         a, b = np.asarray(a), np.asarray(b)
         assert not np.isnan(a).any()
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=F32_TOL * np.abs(b).max())
+    assert np.all(np.asarray(got[0])[int(sizes.sum()):] == 0)  # no gradient past the groups
 
 
 @pytest.mark.parametrize("shapes,message", [

@@ -34,12 +34,43 @@ def test_replace_experts_lowers_the_pairwise_cost():
         assert after_devices[a] == after_devices[b]
 
 
-def test_training_with_online_placement(tmp_path):
+def _at(tree, path):
+    for key in path:
+        tree = tree[key]
+    return tree
+
+
+def test_training_with_online_placement(tmp_path, monkeypatch):
     mesh_or_skip(4, 2)
+    calls = []
+    replace = online_placement.replace_experts
+
+    def spy(params, opt_state, counts, paths, num_devices, method):
+        params, opt_state, report = replace(params, opt_state, counts, paths, num_devices,
+                                            method)
+        slots = [np.asarray(_at(params, (*path, "placement"))[...]) for path in paths]
+        calls.append((np.array(counts), slots))
+        return params, opt_state, report
+
+    monkeypatch.setattr(online_placement, "replace_experts", spy)
     straight = tmp_path / "straight"
     train_lib.train_and_evaluate(tiny_config(straight), progress=False)
+    assert not calls
     placed = tmp_path / "placed"
-    train_lib.train_and_evaluate(tiny_config(placed, **{"placement.every": 3}), progress=False)
+    config = tiny_config(placed, **{"placement.every": 3})
+    train_lib.train_and_evaluate(config, progress=False)
+    # Re-placed after steps 3 and 6, each time from the counts of the 3 steps since the last:
+    # every token adds k·(k-1) to its layer's (zero-diagonal) co-activation matrix.
+    k, tokens = config.moe.top_k, config.batch_size * config.seq_len
+    assert len(calls) == 2
+    for counts, _ in calls:
+        assert counts.shape[0] == config.model.num_layers
+        np.testing.assert_array_equal(counts.sum(axis=(1, 2)), 3 * tokens * k * (k - 1))
+    # The run continued with the new placement: the last checkpoint holds the second one.
+    run = train_lib.setup(config, str(placed))
+    run.checkpointer.close()
+    stored = np.asarray(run.params["blocks"][0]["ffn"]["placement"][...])
+    np.testing.assert_array_equal(stored, calls[-1][1][0])
     a, b = losses(straight), losses(placed)
     np.testing.assert_allclose([b[s] for s in range(1, 7)], [a[s] for s in range(1, 7)],
                                rtol=1e-4)

@@ -135,15 +135,18 @@ def test_slots_from_devices():
     np.testing.assert_array_equal(slots // 2, [1, 0, 1, 0, 2, 2])
 
 
-def test_relabelling_moves_only_what_must_move():
+@pytest.mark.parametrize("devices,per_device", [(4, 3), (16, 2)])  # 16: the greedy relabel
+def test_relabelling_moves_only_what_must_move(devices, per_device):
     rng = np.random.default_rng(3)
-    current = rng.permutation(12).astype(np.int32)  # 4 devices × 3 experts
-    current_device = current // 3
-    relabelled = (current_device + 1) % 4  # the same groups under other labels
-    np.testing.assert_array_equal(oj.slots_from_devices(relabelled, 4, current), current)
+    experts = devices * per_device
+    current = rng.permutation(experts).astype(np.int32)
+    current_device = current // per_device
+    shuffle = rng.permutation(devices)  # the same groups under other labels
+    np.testing.assert_array_equal(
+        oj.slots_from_devices(shuffle[current_device], devices, current), current)
     moved = current_device.copy()
     a, b = np.nonzero(moved == 0)[0][0], np.nonzero(moved == 1)[0][0]
     moved[a], moved[b] = 1, 0  # one swap between two devices
-    slots = oj.slots_from_devices((moved + 2) % 4, 4, current)
+    slots = oj.slots_from_devices(shuffle[moved], devices, current)
     assert np.sum(slots != current) == 2
-    assert sorted(slots.tolist()) == list(range(12))
+    assert sorted(slots.tolist()) == list(range(experts))

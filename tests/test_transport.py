@@ -88,9 +88,12 @@ def test_exchange_moves_blocks_and_gradients(kind, n):
             assert np.all(y[dst, src * cap + c: (src + 1) * cap] == 0)  # ragged: zero tail
             np.testing.assert_array_equal(j[dst, src * cap: src * cap + c],
                                           ids[src, dst * cap: dst * cap + c])
-            # backward: the cotangent of what dst received from src flows back to src
+            assert np.all(j[dst, src * cap + c: (src + 1) * cap] == 0)
+            # backward: the cotangent of what dst received from src flows back to src, and
+            # rows that were never sent get none
             np.testing.assert_array_equal(gx[src, dst * cap: dst * cap + c],
                                           cot[dst, src * cap: src * cap + c])
+            assert np.all(gx[src, dst * cap + c: (dst + 1) * cap] == 0)
 
 
 def test_messages_and_wire_bytes():
