@@ -127,6 +127,16 @@ def fused_swiglu_combine(rows: jax.Array, w_gate: jax.Array, w_up: jax.Array,
         raise ValueError(f"fused_swiglu_combine: rows and weights must share one dtype (the "
                          f"Triton products take equal operand types); got {got}; cast the "
                          "weights to rows.dtype")
+    d = rows.shape[-1]
+    g, _, f = w_gate.shape if w_gate.ndim == 3 else (0, 0, 0)
+    if (rows.ndim != 2 or w_gate.shape != (g, d, f) or w_up.shape != (g, d, f)
+            or w_down.shape != (g, f, d) or item_weight.shape != item_row.shape
+            or item_row.ndim != 1):
+        raise ValueError(f"fused_swiglu_combine wants rows [R, d], w_gate/w_up [G, d, f], "
+                         f"w_down [G, f, d], item_weight and item_row [M]; got rows "
+                         f"{rows.shape}, w_gate {w_gate.shape}, w_up {w_up.shape}, w_down "
+                         f"{w_down.shape}, item_weight {item_weight.shape}, item_row "
+                         f"{item_row.shape}")
     interpret = _interpret(interpret)
     tiling = tiling or default_tiling(interpret)
     if item_row.shape[0] % tiling.block_m:

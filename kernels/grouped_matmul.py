@@ -253,7 +253,11 @@ def _gmm_fwd(lhs, rhs, group_sizes, out_dtype, mode, fill_tail):
 def _gmm_bwd(out_dtype, mode, fill_tail, residuals, d_out):
     lhs, rhs, group_sizes = residuals
     d_out = d_out.astype(lhs.dtype)
-    d_lhs = _gmm_raw(d_out, rhs, group_sizes, lhs.dtype, True, mode, fill_tail=fill_tail)
+    try:
+        d_lhs = _gmm_raw(d_out, rhs, group_sizes, lhs.dtype, True, mode, fill_tail=fill_tail)
+    except ValueError as e:  # e.g. K = 64: fine as a contraction, not as an output width
+        raise ValueError(f"gmm's gradient for lhs is a grouped matmul of output width "
+                         f"K={lhs.shape[1]}: {e}") from None
     d_rhs = _tgmm_raw(lhs, d_out, group_sizes, rhs.dtype, mode)
     return d_lhs, d_rhs, None
 
@@ -266,21 +270,35 @@ def gmm(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *,
         fill_tail: bool = True) -> jax.Array:
     """``out[rows of g] = lhs[rows of g] @ rhs[g]``: lhs [M, K], rhs [G, K, N] → [M, N].
 
-    Rows past ``sum(group_sizes)`` are zeros, in the output and in lhs's gradient; with
-    ``fill_tail=False`` the GPU and TPU kernels leave them unwritten (undefined) — for callers
-    that never read them, which saves writing the padding of a worst-case-sized buffer.
+    Negative group sizes count as 0. Rows past ``sum(group_sizes)`` are zeros, in the output
+    and in lhs's gradient; with ``fill_tail=False`` the GPU and TPU kernels leave them
+    unwritten (undefined) — for callers that never read them, which saves writing the padding
+    of a worst-case-sized buffer.
     ``interpret``: None picks the compiled kernel on GPU/TPU and the interpreter on CPU.
     """
     out_dtype = jnp.dtype(preferred_element_type or lhs.dtype)
+    group_sizes = _checked_sizes(group_sizes, rhs.shape[0], "gmm")
     rhs = platform.vary_like(rhs, lhs)  # so autodiff inserts the psum rhs's gradient needs
-    return _gmm(lhs, rhs, group_sizes.astype(jnp.int32), out_dtype, _mode(interpret), fill_tail)
+    return _gmm(lhs, rhs, group_sizes, out_dtype, _mode(interpret), fill_tail)
 
 
 def tgmm(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *,
          preferred_element_type=None, interpret: bool | None = None) -> jax.Array:
     """``out[g] = lhs[rows of g].T @ rhs[rows of g]``: lhs [M, K], rhs [M, N] → [G, K, N]."""
     out_dtype = jnp.dtype(preferred_element_type or lhs.dtype)
-    return _tgmm_raw(lhs, rhs, group_sizes.astype(jnp.int32), out_dtype, _mode(interpret))
+    if lhs.dtype != rhs.dtype:
+        raise ValueError(f"tgmm wants lhs and rhs of one dtype; got {lhs.dtype} and "
+                         f"{rhs.dtype}. Cast one of them.")
+    group_sizes = _checked_sizes(group_sizes, None, "tgmm")
+    return _tgmm_raw(lhs, rhs, group_sizes, out_dtype, _mode(interpret))
+
+
+def _checked_sizes(group_sizes: jax.Array, groups: int | None, name: str) -> jax.Array:
+    """[G] int32 sizes, negative ones counted as 0 (they would move the groups' row offsets)."""
+    if group_sizes.ndim != 1 or (groups is not None and group_sizes.shape[0] != groups):
+        raise ValueError(f"{name} wants group_sizes [G]" + (f" with G={groups} (rhs's groups)"
+                         if groups is not None else "") + f"; got shape {group_sizes.shape}.")
+    return jnp.maximum(group_sizes.astype(jnp.int32), 0)
 
 
 def flops(m: int, k: int, n: int) -> int:

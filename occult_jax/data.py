@@ -172,6 +172,10 @@ def windows(tokens: np.ndarray, offsets: np.ndarray, seq_len: int,
         raise ValueError(f"token id {int(out.max())} at position {int(offsets[row]) + col} of "
                          f"the data is outside model.vocab_size={vocab_size}; fix the data or "
                          "raise model.vocab_size.")
+    if out.size and int(out.min()) < 0:  # negative, or past int32 in a wider source dtype
+        row, col = np.unravel_index(int(np.argmin(out)), out.shape)
+        raise ValueError(f"token id at position {int(offsets[row]) + col} of the data is "
+                         "negative or past int32; token ids must lie in [0, vocab_size).")
     return out
 
 

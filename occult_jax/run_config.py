@@ -170,8 +170,8 @@ def validate(config: Any, num_devices: int, platform: str = "cpu", gpu_capabilit
         _require(0 <= opt[name] < 1, f"optim.{name}={opt[name]} must be in [0, 1).")
     _require(opt.eps > 0, f"optim.eps={opt.eps} must be > 0.")
     _require(opt.weight_decay >= 0, f"optim.weight_decay={opt.weight_decay} must be >= 0.")
-    _require(isinstance(config.seed, int) and config.seed >= 0,
-             f"seed={config.seed!r} must be an integer >= 0.")
+    _require(isinstance(config.seed, int) and 0 <= config.seed < 2**32,  # one 32-bit word:
+             f"seed={config.seed!r} must be an integer in [0, 2**32).")  # no seed aliasing
     _require(not os.path.exists(config.workdir) or os.path.isdir(config.workdir),
              f"workdir={config.workdir!r} is a file; give a folder (new or a run's).")
     try:

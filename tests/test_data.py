@@ -119,3 +119,11 @@ def test_windows_refuse_ids_outside_the_vocabulary():
     tokens[bad] = 100
     with pytest.raises(ValueError, match=f"token id 100 at position {bad} .*model.vocab_size=100"):
         data.windows(tokens, offsets, 8, vocab_size=100)
+    wide = tokens.astype(np.uint32)
+    wide[bad] = 2**31 + 1  # wraps to a negative int32
+    with pytest.raises(ValueError, match=f"token id at position {bad} .* negative or past int32"):
+        data.windows(wide, offsets, 8, vocab_size=100)
+    signed = tokens.astype(np.int32)
+    signed[bad] = -3
+    with pytest.raises(ValueError, match=f"position {bad} of the data is negative"):
+        data.windows(signed, offsets, 8)

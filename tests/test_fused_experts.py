@@ -319,6 +319,12 @@ def test_fused_argument_errors():
         fused_swiglu_combine(x, w, w, w, jnp.ones(16), jnp.zeros(16, jnp.int32),
                              jnp.zeros(1, jnp.int32), jnp.ones((), jnp.int32),
                              jnp.asarray([16, 0]), interpret=True)
+    x = jnp.ones((4, 64), jnp.float32)  # d = 64, but the weights' d is 32
+    with pytest.raises(ValueError, match=r"wants rows \[R, d\].*rows \(4, 64\), w_gate "
+                       r"\(2, 32, 32\)"):
+        fused_swiglu_combine(x, w, w, w, jnp.ones(16), jnp.zeros(16, jnp.int32),
+                             jnp.zeros(1, jnp.int32), jnp.ones((), jnp.int32),
+                             jnp.asarray([16, 0]), interpret=True)
 
 
 def test_fused_config_errors():

@@ -268,6 +268,31 @@ def test_bad_shapes_are_one_line_errors(shapes, message):
         gm.gmm(jnp.ones(xs, jnp.bfloat16), jnp.ones(ws, jnp.bfloat16), jnp.array([32, 32]))
 
 
+def test_negative_group_sizes_count_as_empty():
+    rng = np.random.default_rng()
+    x = jnp.asarray(rng.standard_normal((16, 64)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((2, 64, 128)), jnp.float32)
+    for sizes, clamped in (([12, -4], [12, 0]), ([-4, 12], [0, 12])):
+        got = gm.gmm(x, w, jnp.asarray(sizes))
+        want = np_gmm(np.asarray(x, np.float64), np.asarray(w, np.float64), np.array(clamped))
+        np.testing.assert_allclose(np.asarray(got), want, rtol=1e-4, atol=F32_TOL * 10)
+
+
+def test_group_size_and_dtype_errors():
+    x = jnp.ones((16, 128), jnp.bfloat16)
+    w = jnp.ones((2, 128, 128), jnp.bfloat16)
+    with pytest.raises(ValueError, match=r"gmm wants group_sizes \[G\] with G=2"):
+        gm.gmm(x, w, jnp.asarray([[8, 8]]))
+    with pytest.raises(ValueError, match=r"tgmm wants group_sizes \[G\]; got shape \(1, 2\)"):
+        gm.tgmm(x, x, jnp.asarray([[8, 8]]))
+    with pytest.raises(ValueError, match="tgmm wants lhs and rhs of one dtype"):
+        gm.tgmm(x, x.astype(jnp.float32), jnp.asarray([8, 8]))
+    # K = 64 is a valid contraction, but lhs's gradient has K as its output width
+    x64, w64 = jnp.ones((16, 64), jnp.bfloat16), jnp.ones((2, 64, 128), jnp.bfloat16)
+    with pytest.raises(ValueError, match=r"gmm's gradient for lhs .* output width K=64"):
+        jax.grad(lambda x: jnp.sum(gm.gmm(x, w64, jnp.asarray([8, 8])).astype(float)))(x64)
+
+
 def test_compiled_kernels_lower_for_cuda():
     """The compiled Mosaic GPU path (not the interpreter) lowers on any machine: gmm forward is
     one Mosaic GPU kernel, the gradient of its sum two (transposed gmm, tgmm)."""
