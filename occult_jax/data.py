@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import sysconfig
+from fractions import Fraction
 
 import numpy as np
 
@@ -116,16 +117,21 @@ def load_tokens(path: str = "", max_bytes: int = 4_000_000,
 
 def split(tokens: np.ndarray, val_fraction: float, block: int = 8192) -> tuple[np.ndarray,
                                                                                 np.ndarray]:
-    """Every round(1/val_fraction)-th block of `block` tokens to validation, the rest to train.
-
-    Blocks shrink for small streams so that validation gets at least two blocks.
+    """Blocks of `block` tokens to validation, spread evenly, val_fraction of them (as p/q
+    with q ≤ 1000: block i goes to validation when ⌊(i+1)p/q⌋ > ⌊ip/q⌋, so 0.1 takes every
+    10th block), the rest to train. Blocks shrink for small streams so that validation gets at
+    least two blocks.
     """
     if not 0 < val_fraction < 1:
         raise ValueError(f"data.val_fraction={val_fraction} must be in (0, 1).")
-    period = max(2, round(1 / val_fraction))
-    block = max(1, min(block, len(tokens) // (2 * period)))
+    fraction = Fraction(val_fraction).limit_denominator(1000)
+    p, q = fraction.numerator, fraction.denominator
+    if p in (0, q):
+        raise ValueError(f"data.val_fraction={val_fraction} leaves no train or no validation "
+                         "blocks; use a value in [0.001, 0.999].")
+    block = max(1, min(block, len(tokens) * p // (2 * q)))
     index = np.arange(len(tokens)) // block
-    is_val = index % period == period - 1
+    is_val = (index + 1) * p // q > index * p // q
     return np.asarray(tokens[~is_val]), np.asarray(tokens[is_val])
 
 

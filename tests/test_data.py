@@ -26,6 +26,14 @@ def test_split_interleaves_blocks():
     np.testing.assert_array_equal(val[:10], np.arange(90, 100))  # block 9 of every 10
     with pytest.raises(ValueError, match="val_fraction"):
         data.split(tokens, 1.5)
+    # fractions that are not 1/n: the share of validation blocks follows them (block indices
+    # counted independently: block i is validation when the running share passes a whole number)
+    for fraction in (0.25, 0.4, 0.75, 0.9):
+        train, val = data.split(np.arange(4000).astype(np.uint8), fraction, block=10)
+        assert len(val) == round(4000 * fraction) and len(train) + len(val) == 4000
+        want = [i for i in range(400) if int((i + 1) * fraction + 1e-9) > int(i * fraction + 1e-9)]
+        expected = np.concatenate([np.arange(10 * i, 10 * i + 10) for i in want])
+        np.testing.assert_array_equal(val, expected.astype(np.uint8))
 
 
 def test_batches_are_a_function_of_seed_and_step():
