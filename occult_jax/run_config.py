@@ -12,7 +12,7 @@ from typing import Any
 
 from occult_jax.config import MoEConfig, validate_for_mesh
 from occult_jax.mesh import DATA, EXPERT, mesh_facts
-from occult_jax.model import ModelConfig
+from occult_jax.model_config import ModelConfig
 
 
 class ConfigError(ValueError):

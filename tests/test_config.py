@@ -104,6 +104,14 @@ def test_expert_parallel_dispatch_needs_mesh():
         oj.MoELayer(oj.MoEConfig(dispatch="occult"), rngs=nnx.Rngs(0))
 
 
+def test_fused_config_errors():
+    with pytest.raises(ValueError, match="multiples of 16"):
+        oj.MoEConfig(d_model=24, expert_matmul="fused")
+    cfg = oj.MoEConfig(expert_matmul="fused", dispatch="occult")
+    with pytest.raises(ValueError, match="runs on GPUs"):
+        oj.config.validate_for_mesh(cfg, ("expert",), 2, 2, 8, platform="tpu")
+
+
 def test_device_cap_needs_a_mesh():
     # Without a mesh every expert is on one device: the cap could not bind, so it is refused
     # rather than silently ignored (the reference on a mesh applies it).

@@ -327,14 +327,6 @@ def test_fused_argument_errors():
                              jnp.asarray([16, 0]), interpret=True)
 
 
-def test_fused_config_errors():
-    with pytest.raises(ValueError, match="multiples of 16"):
-        oj.MoEConfig(d_model=24, expert_matmul="fused")
-    cfg = oj.MoEConfig(expert_matmul="fused", dispatch="occult")
-    with pytest.raises(ValueError, match="runs on GPUs"):
-        oj.config.validate_for_mesh(cfg, ("expert",), 2, 2, 8, platform="tpu")
-
-
 def test_fused_kernels_lower_to_triton_for_cuda():
     """The compiled (not interpreted) path lowers to Triton IR on any machine: the forward is
     two Triton kernels, the gradient six (the forward's unused output kernel is dropped; one

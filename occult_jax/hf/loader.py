@@ -20,7 +20,8 @@ from occult_jax import mesh as mesh_lib
 from occult_jax.config import MoEConfig
 from occult_jax.hf import families, weights
 from occult_jax.hf.safetensors_reader import SafetensorsCheckpoint
-from occult_jax.model import ModelConfig, Transformer
+from occult_jax.model import Transformer
+from occult_jax.model_config import ModelConfig
 
 EXPERT_WEIGHTS = ("w_gate", "w_up", "w_down")
 

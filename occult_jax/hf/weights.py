@@ -19,7 +19,7 @@ import numpy as np
 
 from occult_jax.config import MoEConfig
 from occult_jax.hf.safetensors_reader import SafetensorsCheckpoint
-from occult_jax.model import ModelConfig
+from occult_jax.model_config import ModelConfig
 
 Path = tuple
 Transform = Callable[[np.ndarray], np.ndarray]
