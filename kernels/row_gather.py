@@ -91,7 +91,7 @@ def gather_rows(a: jax.Array, index: jax.Array, *, scale: jax.Array | None = Non
         raise ValueError(f"gather_rows: scale must be [{b}]; got {scale.shape}")
     if dot_with is not None and dot_with.shape != (b, d):
         raise ValueError(f"gather_rows: dot_with must be [{b}, {d}]; got {dot_with.shape}")
-    if b == 0 or d == 0:
+    if b == 0 or d == 0 or a.shape[0] == 0:  # no source rows: every index is empty
         out = jnp.zeros((b, d), out_dtype or a.dtype)
         return out if dot_with is None else (out, jnp.zeros((b,), jnp.float32))
     interpret = _interpret(interpret)

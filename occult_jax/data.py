@@ -7,9 +7,9 @@
   * a text file, or a folder of text files (read recursively, sorted), as bytes (vocab 256);
   * a pre-tokenised `.npy` array, or a raw `.bin` array of `bin_dtype` (uint16 or int32).
 It splits the stream deterministically into train and validation: a byte corpus (in memory,
-capped) is cut into blocks and every `round(1 / val_fraction)`-th block goes to validation; a
-token-array file (memory-mapped, possibly huge) keeps its last `val_fraction` for validation, so
-neither split is copied.
+capped) is cut into blocks and `val_fraction` of them, spread evenly, go to validation; a
+token-array file (memory-mapped, possibly huge, of any integer dtype) keeps its last
+`val_fraction` for validation, so its split is not copied.
 
 `batch_at(tokens, seed, step, ...)` draws batch `step` from (seed, step) alone, so a resumed run
 sees exactly the data order of a run that never stopped.
@@ -89,7 +89,7 @@ def load_tokens(path: str = "", max_bytes: int = 4_000_000,
         tokens = np.frombuffer(_read_files(files, max_bytes), np.uint8)
         vocab = 256
     elif path.endswith(".npy"):
-        tokens = np.load(path, mmap_mode="r")
+        tokens = np.load(path, mmap_mode="r")  # memory-mapped whatever its dtype
         if tokens.ndim != 1 or tokens.dtype.kind not in "iu":
             raise ValueError(f"data.path={path!r} holds a {tokens.dtype} array of shape "
                              f"{tokens.shape}; expected a 1-D integer token array.")
@@ -135,10 +135,15 @@ def split(tokens: np.ndarray, val_fraction: float, block: int = 8192) -> tuple[n
     return np.asarray(tokens[~is_val]), np.asarray(tokens[is_val])
 
 
+def is_token_array(path: str) -> bool:
+    """Whether `path` names a pre-tokenised array file (.npy / .bin) rather than text."""
+    return bool(path) and not os.path.isdir(path) and path.endswith((".npy", ".bin"))
+
+
 def load_corpus(path: str = "", max_bytes: int = 4_000_000, val_fraction: float = 0.1,
                 bin_dtype: str = "uint16") -> Corpus:
     tokens, vocab, source = load_tokens(path, max_bytes, bin_dtype)
-    if tokens.dtype == np.uint8:
+    if not is_token_array(path):  # bytes in memory: blocks spread over the stream
         train, val = split(tokens, val_fraction)
     else:
         if not 0 < val_fraction < 1:

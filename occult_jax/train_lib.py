@@ -208,6 +208,23 @@ def setup(config: Any, workdir: str) -> Run:
                opt_state, checkpointer, start, notes)
 
 
+def finished_step(config: Any, workdir: str) -> int | None:
+    """The newest checkpoint's step when it is at or past `config.steps` (nothing to train),
+    else None; checked before any data, model or checkpoint is loaded."""
+    devices = jax.devices()
+    run_config.validate(config, len(devices), devices[0].platform,
+                        compute_capability(devices[0]))
+    directory = os.path.join(workdir, "checkpoints")
+    if not os.path.isdir(directory):
+        return None
+    checkpointer = ckpt_lib.Checkpointer(directory, keep=config.keep_checkpoints)
+    try:
+        step = checkpointer.latest_step()
+    finally:
+        checkpointer.close()
+    return step if step is not None and step >= config.steps else None
+
+
 def _needs_calibration(run: Run) -> bool:
     """A fresh run that prunes with the "similarity" rule and has no calibration yet."""
     moe = run.model.moe_cfg
@@ -243,15 +260,15 @@ def train_and_evaluate(config: Any, workdir: str | None = None, *,
         config = config.copy_and_resolve_references() if hasattr(
             config, "copy_and_resolve_references") else config
         config.workdir = workdir
-    run = setup(config, config.workdir)
     workdir = config.workdir
     is_main = jax.process_index() == 0
-    if run.start >= config.steps:
-        run.checkpointer.close()
+    done = finished_step(config, workdir)
+    if done is not None:
         if is_main:
-            print(f"{workdir} is at step {run.start}, steps={config.steps}: nothing to train "
+            print(f"{workdir} is at step {done}, steps={config.steps}: nothing to train "
                   "(raise steps to continue).")
-        return {"step": run.start}
+        return {"step": done}
+    run = setup(config, workdir)
     if is_main:  # config.json: the first run's; a resumed run's goes beside it
         os.makedirs(workdir, exist_ok=True)
         name = f"config.resumed_at_{run.start}.json" if run.start else "config.json"

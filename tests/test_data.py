@@ -73,9 +73,11 @@ def test_folder(tmp_path):
 
 
 @pytest.mark.parametrize("suffix,dtype", [(".npy", np.int32), (".npy", np.uint16),
-                                          (".bin", np.uint16), (".bin", np.int32)])
+                                          (".npy", np.uint8), (".bin", np.uint16),
+                                          (".bin", np.int32)])
 def test_token_arrays(tmp_path, suffix, dtype):
-    tokens = (np.arange(5000) * 7 % 1000).astype(dtype)
+    vocab = 250 if dtype == np.uint8 else 1000  # a uint8 array is tokens too, not bytes
+    tokens = (np.arange(5000) * 7 % vocab).astype(dtype)
     path = tmp_path / f"tokens{suffix}"
     if suffix == ".npy":
         np.save(path, tokens)
@@ -83,12 +85,13 @@ def test_token_arrays(tmp_path, suffix, dtype):
         tokens.tofile(path)
     corpus = data.load_corpus(str(path), val_fraction=0.1,
                               bin_dtype=np.dtype(dtype).name)
-    assert corpus.vocab_size == 1000
+    assert corpus.vocab_size == vocab
     np.testing.assert_array_equal(corpus.train, tokens[:4500])  # tail split, no copy
     np.testing.assert_array_equal(corpus.validation, tokens[4500:])
-    data.check_fits(corpus, seq_len=64, vocab_size=1000)
+    assert isinstance(corpus.train, np.memmap) and isinstance(corpus.validation, np.memmap)
+    data.check_fits(corpus, seq_len=64, vocab_size=vocab)
     with pytest.raises(ValueError, match=r"raise model\.vocab_size"):
-        data.check_fits(corpus, seq_len=64, vocab_size=256)
+        data.check_fits(corpus, seq_len=64, vocab_size=vocab // 4)
 
 
 def _one_line_error(path, match, **kwargs):

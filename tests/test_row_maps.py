@@ -140,6 +140,18 @@ def test_row_kernels_against_numpy_with_scale_and_dot():
             np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * per_row)
 
 
+def test_row_kernels_with_no_source_rows():
+    """A device that received no rows: every link is empty, so the results are zeros."""
+    rng = np.random.default_rng()
+    other = jnp.asarray(rng.standard_normal((5, 24)), jnp.float32)
+    out, dot = gather_rows(jnp.zeros((0, 24), jnp.bfloat16), -jnp.ones((5,), jnp.int32),
+                           dot_with=other, out_dtype=jnp.float32, interpret=True)
+    assert out.shape == (5, 24) and out.dtype == jnp.float32 and dot.shape == (5,)
+    assert not np.any(np.asarray(out)) and not np.any(np.asarray(dot))
+    summed = sum_rows(jnp.zeros((0, 24)), -jnp.ones((4, 3), jnp.int32), interpret=True)
+    assert summed.shape == (4, 24) and not np.any(np.asarray(summed))
+
+
 def test_row_kernels_reject_bad_shapes():
     a = jnp.ones((4, 8))
     with pytest.raises(ValueError, match="index"):

@@ -35,7 +35,7 @@ def losses(workdir):
     return {r["step"]: r["loss"] for r in records}
 
 
-def test_resume_is_bit_exact(tmp_path):
+def test_resume_is_bit_exact(tmp_path, monkeypatch):
     mesh_or_skip(expert=4, data=2)
     straight = tmp_path / "straight"
     train_lib.train_and_evaluate(tiny_config(straight), progress=False)
@@ -54,8 +54,13 @@ def test_resume_is_bit_exact(tmp_path):
     # config.json stays the first run's; the resumed run's config lies beside it
     assert (resumed / "config.resumed_at_3.json").is_file()
     first = (resumed / "config.json").read_text()
-    # A finished run: nothing to train, nothing compiled or overwritten.
+    # A finished run: nothing to train, nothing loaded, compiled or overwritten.
     tiny = tiny_config(resumed, checkpoint_every=2, keep_checkpoints=2, seed=1)
+
+    def no_setup(*args):
+        raise AssertionError("a finished run built its model")
+
+    monkeypatch.setattr(train_lib, "setup", no_setup)
     assert train_lib.train_and_evaluate(tiny, progress=False) == {"step": 6}
     assert (resumed / "config.json").read_text() == first
     assert sorted(b) == sorted(losses(resumed))
