@@ -65,7 +65,9 @@ class MetricWriter:
         self.tb = None
         if enabled:
             os.makedirs(workdir, exist_ok=True)
-            self.jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+            path = os.path.join(workdir, "metrics.jsonl")
+            _drop_records_after(path, start_step)
+            self.jsonl = open(path, "a")
             try:
                 from tensorboardX import SummaryWriter
             except ImportError:  # optional: console and jsonl still work
@@ -113,6 +115,19 @@ def _short(value: Any) -> str:
     if isinstance(value, (list, tuple)):
         value = float(np.mean(value)) if value else float("nan")
     return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def _drop_records_after(path: str, step: int) -> None:
+    """Keeps the records up to `step` (the checkpoint a run resumes from): a run killed after
+    its last checkpoint logged steps that the resumed run logs again."""
+    if not os.path.isfile(path):
+        return
+    with open(path) as f:
+        lines = [line for line in f if line.strip()]
+    kept = [line for line in lines if json.loads(line).get("step", 0) <= step]
+    if len(kept) < len(lines):
+        with open(path, "w") as f:
+            f.writelines(kept)
 
 
 def read_jsonl(path: str) -> list[dict]:

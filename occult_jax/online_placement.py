@@ -20,9 +20,9 @@ from occult_jax.relocate import apply_placement, slots_from_devices
 class CoactivationSum:
     """Running [L, E, E] co-activation counts and [L, E] expert loads of the MoE layers."""
 
-    def __init__(self):
-        self.total: np.ndarray | None = None
-        self.load: np.ndarray | None = None
+    def __init__(self, coactivation: np.ndarray | None = None, load: np.ndarray | None = None):
+        self.total = coactivation  # [L, E, E] or None before the first count
+        self.load = load  # [L, E]
 
     def add(self, moe_stats: dict[str, Any]) -> None:
         if "coactivation" not in moe_stats:

@@ -34,6 +34,8 @@ from occult_jax.mesh import compute_capability, make_mesh
 from occult_jax.model import Transformer, batch_sharding, count_params
 from occult_jax.run_config import ConfigError
 
+DATA_ORDER_KEYS = ("seed", "batch_size", "seq_len")  # with the step, fix the batches
+
 
 def make_optimizer(config: Any) -> tuple[optax.GradientTransformation, optax.Schedule]:
     """AdamW (no decay on 1-D params: norms) with linear warmup, cosine decay, global clipping."""
@@ -138,6 +140,7 @@ class Run:
     checkpointer: ckpt_lib.Checkpointer
     start: int
     notes: list[str]
+    placement_counts: dict[str, np.ndarray]  # online placement's, from the checkpoint
 
 
 def setup(config: Any, workdir: str) -> Run:
@@ -159,7 +162,7 @@ def setup(config: Any, workdir: str) -> Run:
         run_config.validate_on_mesh(moe_cfg, mesh, config.batch_size * config.seq_len)
     checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
                                          keep=config.keep_checkpoints)
-    start, notes = checkpointer.latest_step() or 0, []
+    start, notes, placement_counts = checkpointer.latest_step() or 0, [], {}
     moe = moe_cfg if model_cfg.moe_layers else None
     hf_dir = run_config.hf_checkpoint(config)
     if hf_dir and not start:  # params straight from the HF files, each device its own slice
@@ -183,7 +186,8 @@ def setup(config: Any, workdir: str) -> Run:
 
     if start:
         try:
-            params, opt_state, _ = checkpointer.restore(start, params, opt_state)
+            params, opt_state, meta, placement_counts = checkpointer.restore(
+                start, params, opt_state)
         except (ValueError, KeyError, TypeError) as e:
             checkpointer.close()
             raise ConfigError(
@@ -192,6 +196,11 @@ def setup(config: Any, workdir: str) -> Run:
                 f"it was trained with ({os.path.join(workdir, 'config.json')}) or set a new "
                 "workdir.") from None
         notes.append(f"resumed from {checkpointer.directory} step {start}")
+        changed = [f"{k}={getattr(config, k)} (was {meta[k]})" for k in DATA_ORDER_KEYS
+                   if k in meta and meta[k] != getattr(config, k)]
+        if changed:
+            notes.append("note: " + ", ".join(changed) + " since the checkpoint: the batches "
+                         "from here differ from an uninterrupted run's")
     elif config.init_from and not hf_dir:
         try:
             params, from_step = ckpt_lib.load_params(config.init_from, params)
@@ -205,7 +214,7 @@ def setup(config: Any, workdir: str) -> Run:
                     f"{counts['active']:,}) corpus={corpus.source} "
                     f"train={len(corpus.train):,} val={len(corpus.validation):,} tokens")
     return Run(config, workdir, mesh, corpus, model, schedule, model_def, opt_def, params,
-               opt_state, checkpointer, start, notes)
+               opt_state, checkpointer, start, notes, placement_counts)
 
 
 def finished_step(config: Any, workdir: str) -> int | None:
@@ -315,13 +324,16 @@ def train_and_evaluate(config: Any, workdir: str | None = None, *,
 
     def save(step: int) -> None:
         nonlocal saved
-        run.checkpointer.save(step, params, opt_state, {"step": step, "seed": config.seed})
+        meta = {"step": step, **{k: getattr(config, k) for k in DATA_ORDER_KEYS}}
+        counts = ({"coactivation": coactivation.total, "load": coactivation.load}
+                  if coactivation.total is not None else None)
+        run.checkpointer.save(step, params, opt_state, meta, counts)
         saved = step
 
     last: dict[str, Any] = {}
     pending: list[dict] = []
     replace_every = config.placement.every if moe_layers else 0
-    coactivation = online_placement.CoactivationSum()
+    coactivation = online_placement.CoactivationSum(**run.placement_counts)
     tokens_per_step = config.batch_size * seq_len
     with StopSignal() as stop:
         tic = time.perf_counter()
@@ -333,8 +345,11 @@ def train_and_evaluate(config: Any, workdir: str | None = None, *,
                 stop.requested = True
             evaluating = bool(config.eval_every) and (step % config.eval_every == 0
                                                       or step == config.steps)
-            if (evaluating or stop.requested or step % config.log_every == 0
-                    or step in (run.start + 1, config.steps)):
+            replacing = bool(replace_every) and step % replace_every == 0
+            checkpointing = bool(config.checkpoint_every) and step % config.checkpoint_every == 0
+            # steps that need every pending step's metrics: their counts, or a checkpoint of them
+            if (evaluating or replacing or checkpointing or stop.requested
+                    or step % config.log_every == 0 or step in (run.start + 1, config.steps)):
                 fetched = jax.device_get(pending)
                 for metrics in fetched:
                     coactivation.add(metrics["moe"])
@@ -351,7 +366,7 @@ def train_and_evaluate(config: Any, workdir: str | None = None, *,
                 writer.advance(len(pending))
                 pending = []
                 tic = time.perf_counter()
-            if replace_every and step % replace_every == 0 and coactivation.total is not None:
+            if replacing and coactivation.total is not None:
                 paths = [("blocks", i, "ffn") for i in moe_layers]
                 params, opt_state, report = online_placement.replace_experts(
                     params, opt_state, coactivation.total, paths, run.mesh.shape["expert"],
@@ -366,7 +381,7 @@ def train_and_evaluate(config: Any, workdir: str | None = None, *,
             if stop.should_stop(step, config.log_every):
                 writer.print(f"stop requested: checkpointing step {step} and exiting")
                 break
-            if config.checkpoint_every and step % config.checkpoint_every == 0:
+            if checkpointing:
                 save(step)
         if saved != step:
             save(step)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 import numpy as np
 import optax
 from conftest import mesh_or_skip
@@ -9,7 +11,7 @@ from flax import nnx
 from test_train import losses, tiny_config
 
 import occult_jax as oj
-from occult_jax import online_placement, placement, train_lib
+from occult_jax import metrics, online_placement, placement, train_lib
 
 
 def test_replace_experts_lowers_the_pairwise_cost():
@@ -74,3 +76,41 @@ def test_training_with_online_placement(tmp_path, monkeypatch):
     a, b = losses(straight), losses(placed)
     np.testing.assert_allclose([b[s] for s in range(1, 7)], [a[s] for s in range(1, 7)],
                                rtol=1e-4)
+
+
+def test_resumed_run_re_places_from_the_same_counts(tmp_path, monkeypatch):
+    """Killed between re-placements, a run resumes with the counts of its checkpoint: same
+    placements, same losses, and one record per step, as a run that never stopped. Logging
+    every 3 steps neither shifts the 4-step windows of counts nor leaves counts out of a
+    checkpoint."""
+    mesh_or_skip(4, 2)
+    calls = []
+    replace = online_placement.replace_experts
+
+    def spy(params, opt_state, counts, paths, num_devices, method):
+        params, opt_state, report = replace(params, opt_state, counts, paths, num_devices,
+                                            method)
+        calls.append((np.array(counts), np.asarray(_at(params, (*paths[0], "placement"))[...])))
+        return params, opt_state, report
+
+    monkeypatch.setattr(online_placement, "replace_experts", spy)
+    # re-placed after steps 5 and 10, logged after 3, 6, 9, 10, checkpoints every 2 steps
+    changes = {"placement.every": 5, "log_every": 3, "checkpoint_every": 2, "steps": 10}
+    train_lib.train_and_evaluate(tiny_config(tmp_path / "straight", **changes), progress=False)
+    straight, calls[:] = list(calls), []
+    resumed = tiny_config(tmp_path / "resumed", **changes)
+    train_lib.train_and_evaluate(resumed, stop_after=5, progress=False)
+    shutil.rmtree(tmp_path / "resumed" / "checkpoints" / "5")  # as if killed before saving it
+    assert len(calls) == 1 and 5 in losses(tmp_path / "resumed")
+    calls[:] = []
+    train_lib.train_and_evaluate(resumed, progress=False)
+    k, tokens = resumed.moe.top_k, resumed.batch_size * resumed.seq_len
+    assert len(straight) == len(calls) == 2  # resumed from step 4
+    for (counts_a, slots_a), (counts_b, slots_b) in zip(straight, calls, strict=True):
+        np.testing.assert_array_equal(counts_a.sum(axis=(1, 2)), 5 * tokens * k * (k - 1))
+        np.testing.assert_array_equal(counts_a, counts_b)
+        np.testing.assert_array_equal(slots_a, slots_b)
+    a, b = losses(tmp_path / "straight"), losses(tmp_path / "resumed")
+    assert all(a[s] == b[s] for s in a), (a, b)
+    logged = [r["step"] for r in metrics.read_jsonl(tmp_path / "resumed" / "metrics.jsonl")]
+    assert logged == sorted(a) and 5 in logged  # the killed run's step 5 only once

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 from conftest import mesh_or_skip
@@ -66,6 +68,17 @@ def test_resume_is_bit_exact(tmp_path, monkeypatch):
     assert sorted(b) == sorted(losses(resumed))
 
 
+def test_resume_notes_a_changed_data_order(tmp_path):
+    mesh_or_skip(expert=4, data=2)
+    train_lib.train_and_evaluate(tiny_config(tmp_path, steps=1), progress=False)
+    for changes, said in (({}, None), ({"seed": 3}, "seed=3 (was 0)"),
+                          ({"batch_size": 16}, "batch_size=16 (was 8)")):
+        run = train_lib.setup(tiny_config(tmp_path, steps=2, **changes), str(tmp_path))
+        run.checkpointer.close()
+        notes = [n for n in run.notes if "differ from an uninterrupted run" in n]
+        assert notes == ([] if said is None else [notes[0]]) and (said is None or said in notes[0])
+
+
 def test_resume_with_another_model_is_a_one_line_error(tmp_path):
     mesh_or_skip(expert=4, data=2)
     train_lib.train_and_evaluate(tiny_config(tmp_path, steps=1), progress=False)
@@ -86,6 +99,19 @@ def test_init_from_loads_params_only(tmp_path):
     first_fresh = losses(source)[1]
     first_tuned = losses(tuned)[1]
     assert first_tuned < first_fresh  # started from trained params, optimizer fresh
+    # a step folder, also when copied under a name of its own
+    step_folder = tmp_path / "best"
+    shutil.copytree(source / "checkpoints" / "2", step_folder)
+    for folder in (source / "checkpoints" / "2", step_folder):
+        run = train_lib.setup(tiny_config(tmp_path / "from_step", init_from=str(folder)),
+                              str(tmp_path / "from_step"))
+        run.checkpointer.close()
+        assert run.start == 0 and any(str(folder) in note for note in run.notes)
+        trained = train_lib.setup(tiny_config(source), str(source))
+        trained.checkpointer.close()
+        for a, b in zip(jax.tree.leaves(run.params), jax.tree.leaves(trained.params),
+                        strict=True):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     wider = tiny_config(tmp_path / "wider", steps=1, init_from=str(source))
     wider.moe.d_ff = 32
     with pytest.raises(run_config.ConfigError, match="does not fit this model") as info:
