@@ -144,6 +144,41 @@ def test_init_from_hf_errors_are_config_errors(tmp_path):
     assert moe_cfg.dispatch == config.moe.dispatch  # run choices stay the config's
 
 
+@pytest.mark.parametrize("base,field", [
+    (OLMOE_1B_7B, "intermediate_size"), (OLMOE_1B_7B, "num_experts"),
+    (OLMOE_1B_7B, "num_experts_per_tok"), (OLMOE_1B_7B, "hidden_size"),
+    (QWEN15_MOE_A27B, "intermediate_size"), (QWEN15_MOE_A27B, "moe_intermediate_size"),
+    (QWEN15_MOE_A27B, "shared_expert_intermediate_size"), (QWEN15_MOE_A27B, "num_experts"),
+    (DEEPSEEK_V2_LITE, "intermediate_size"), (DEEPSEEK_V2_LITE, "moe_intermediate_size"),
+    (DEEPSEEK_V2_LITE, "n_routed_experts"), (DEEPSEEK_V2_LITE, "n_shared_experts"),
+    (DEEPSEEK_V2_LITE, "kv_lora_rank"), (DEEPSEEK_V2_LITE, "q_lora_rank"),
+    (DEEPSEEK_V2_LITE, "v_head_dim"), (DEEPSEEK_V2_LITE, "qk_rope_head_dim"),
+])
+def test_missing_or_non_integer_sizes_fail_in_one_line(tmp_path, base, field):
+    """A size config.json leaves out, or gives as a string, float or bool, names the field."""
+    config = {k: v for k, v in base.items() if k != field}
+    with pytest.raises(ValueError, match=f"config.json lacks {field}; give it") as info:
+        oj.hf.architecture(write_config(tmp_path / "missing", config))
+    assert "\n" not in str(info.value)
+    rng = np.random.default_rng()
+    value = int(rng.integers(1, 64))
+    for bad in (str(value), value + 0.5, True):
+        path = write_config(tmp_path / type(bad).__name__, {**config, field: bad})
+        with pytest.raises(ValueError, match=f"config.json: {field}={bad!r} must be an integer") \
+                as info:
+            oj.hf.architecture(path)
+        assert "\n" not in str(info.value)
+
+
+def test_build_without_moe_config_fails_in_one_line(tmp_path):
+    path = write_config(tmp_path, OLMOE_1B_7B)
+    model_cfg, _ = oj.hf.architecture(path)
+    with pytest.raises(ValueError, match=r"moe_cfg is None; pass the MoEConfig, e\.g\. from "
+                                         r"oj\.hf\.architecture\(path\)") as info:
+        oj.hf.build(path, model_cfg, None)
+    assert "\n" not in str(info.value)
+
+
 def _write_safetensors(path, tensors: dict[str, tuple[str, np.ndarray]]) -> None:
     """The format by hand: u64 header length, JSON header, raw little-endian bytes."""
     header, blobs, offset = {"__metadata__": {"format": "pt"}}, [], 0
@@ -195,6 +230,41 @@ def test_safetensors_reader_rejects_malformed_files(tmp_path):
     (tmp_path / "model.safetensors").write_bytes(struct.pack("<Q", len(text)) + text + bytes(8))
     with pytest.raises(ValueError, match="does not match its shape"):
         SafetensorsCheckpoint(str(tmp_path))
+
+
+def _header_file(path, header) -> None:
+    text = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(text)) + text + bytes(16))
+
+
+@pytest.mark.parametrize("header,needle", [
+    ([1, 2], "header is not a JSON object"),
+    ({"x": {"dtype": "F32", "shape": [4]}}, "tensor 'x' has a malformed header entry"),
+    ({"x": {"dtype": "F32", "shape": "abc", "data_offsets": [0, 16]}}, "malformed header entry"),
+    ({"x": {"dtype": ["F32"], "shape": [4], "data_offsets": [0, 16]}}, "malformed header entry"),
+    ({"x": {"dtype": "F32", "shape": [4], "data_offsets": [0]}}, "malformed header entry"),
+    ({"x": "F32"}, "malformed header entry"),
+    ({"x": {"dtype": "F32", "shape": [8], "data_offsets": [0, 32]}}, "or the file size"),
+])
+def test_corrupt_safetensors_headers_name_the_file(tmp_path, header, needle):
+    _header_file(tmp_path / "model.safetensors", header)
+    with pytest.raises(ValueError, match=needle) as info:
+        SafetensorsCheckpoint(str(tmp_path))
+    assert str(tmp_path / "model.safetensors") in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("text,needle", [
+    ("{not json", "is unreadable"), (b"\xff\xfe{}", "is unreadable"),
+    ("[1]", "has no 'weight_map'"), ('{"weight_map": {}}', "has no 'weight_map'"),
+])
+def test_bad_index_file_names_the_file(tmp_path, text, needle):
+    _header_file(tmp_path / "part-1.safetensors", {})
+    index = tmp_path / "model.safetensors.index.json"
+    index.write_bytes(text if isinstance(text, bytes) else text.encode())
+    with pytest.raises(ValueError, match=needle) as info:
+        SafetensorsCheckpoint(str(tmp_path))
+    assert str(index) in str(info.value) and "\n" not in str(info.value)
 
 
 def test_group_limited_routing_matches_numpy():

@@ -239,6 +239,86 @@ def test_mismatched_checkpoint_tensors_fail_in_one_line(saved, tmp_path):
         oj.hf.load(str(tmp_path))
 
 
+def _fds_into(folder) -> list[str]:
+    """Files under `folder` this process holds open (Linux /proc), e.g. through an mmap."""
+    root, fds = os.path.realpath(folder) + os.sep, "/proc/self/fd"
+    targets = (os.path.realpath(os.path.join(fds, f)) for f in os.listdir(fds))
+    return [t for t in targets if t.startswith(root)]
+
+
+def test_loaded_model_owns_its_memory(saved, tmp_path):
+    """Rewriting the checkpoint file after `load` changes no parameter: none aliases the file."""
+    import shutil
+
+    path, ids, reference = saved("olmoe")
+    shutil.copytree(path, tmp_path, dirs_exist_ok=True)
+    file = tmp_path / "model.safetensors"
+    raw = file.read_bytes()  # pad the header so that every tensor is 64-byte aligned, as
+    n = int(np.frombuffer(raw[:8], "<u8")[0])  # zero-copy host → CPU-device transfer needs
+    header = raw[8:8 + n].rstrip(b" ")
+    header += b" " * (-(8 + len(header)) % 64)
+    file.write_bytes(np.uint64(len(header)).tobytes() + header + raw[8 + n:])
+    tensors = SafetensorsCheckpoint(str(tmp_path)).tensors
+    assert all(info.begin % 64 == 0 for info in tensors.values())
+
+    model = oj.hf.load(str(tmp_path))
+    leaves = jax.tree_util.tree_leaves_with_path(nnx.to_pure_dict(nnx.state(model)))
+    before = [np.array(leaf, copy=True) for _, leaf in leaves]
+    if os.path.isdir("/proc/self/fd"):
+        assert _fds_into(tmp_path) == []
+    rng = np.random.default_rng()
+    with open(file, "r+b") as f:  # same size, new values, in place
+        for info in tensors.values():
+            f.seek(info.begin)
+            f.write(rng.standard_normal(info.shape).astype(info.dtype).tobytes())
+    changed = [jax.tree_util.keystr(key) for (key, leaf), old in zip(leaves, before, strict=True)
+               if not np.array_equal(np.asarray(leaf), old)]
+    assert changed == []
+    assert np.abs(our_logits(model, ids) - reference).max() <= tolerance(reference)
+
+
+def test_build_moe_checkpoint_without_moe_config_fails_in_one_line(saved):
+    path = saved("olmoe")[0]
+    model_cfg, _ = oj.hf.architecture(path)
+    with pytest.raises(ValueError, match="moe_cfg is None; pass the MoEConfig") as info:
+        oj.hf.build(path, model_cfg, None)
+    assert "\n" not in str(info.value)
+
+
+# the size fields oj.hf requires in config.json (transformers falls back to its flagship sizes)
+REQUIRED = {"vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+            "intermediate_size", "moe_intermediate_size", "shared_expert_intermediate_size",
+            "num_experts", "n_routed_experts", "n_shared_experts", "num_experts_per_tok",
+            "q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"}
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_absent_config_fields_take_transformers_defaults(family, tmp_path):
+    """Each config.json field left out in turn: oj.hf maps the config as it maps the one where
+    the field holds what transformers' config class sets when it is absent (its default, or the
+    value derived in __post_init__), or, for a size, fails in one line naming it."""
+    from occult_jax.hf import families
+
+    config_cls = getattr(transformers, FAMILIES[family][0])
+    config_cls(**{**COMMON, **FAMILIES[family][1]}).save_pretrained(tmp_path)
+    full = json.loads((tmp_path / "config.json").read_text())
+
+    def mapped(config):
+        try:
+            return families.architecture(config)
+        except ValueError as e:
+            return str(e)
+
+    for field in sorted(set(full) - {"architectures", "model_type"}):  # the class itself
+        config = {k: v for k, v in full.items() if k != field}
+        ours = mapped(config)
+        if field in REQUIRED:
+            assert isinstance(ours, str) and f"config.json lacks {field}" in ours, (field, ours)
+            continue
+        theirs = config_cls.from_dict(config).to_dict()
+        assert ours == mapped({**config, field: theirs.get(field)}), (field, theirs.get(field))
+
+
 def test_finetune_from_hf_checkpoint(saved, tmp_path):
     """train.py's `init_from="hf:PATH"`: the HF architecture replaces config.model, the first
     step's loss is the HF model's loss on that batch, and training lowers it."""

@@ -27,6 +27,10 @@ MOE_ARCHITECTURE_FIELDS = ("num_experts", "top_k", "d_ff", "score_fn", "renormal
                            "num_shared_experts", "shared_d_ff", "shared_expert_gate",
                            "routed_scaling_factor", "num_expert_groups", "topk_groups")
 
+# An absent optional field takes transformers' class default (OlmoeConfig, Qwen2MoeConfig,
+# DeepseekV2Config); these differ between families. An absent size field is an error (`_size`).
+DEFAULT_EPS = {"olmoe": 1e-5, "qwen2_moe": 1e-6, "deepseek_v2": 1e-6}
+
 
 @dataclasses.dataclass(frozen=True)
 class Architecture:
@@ -85,6 +89,20 @@ def _get(config: dict, name: str, default: Any = None) -> Any:
     return default if value is None else value
 
 
+def _size(config: dict, name: str, minimum: int = 1, nullable: bool = False) -> int:
+    """A size field config.json must give: an int >= minimum (null → 0 when nullable)."""
+    if name not in config:
+        raise ValueError(f"config.json lacks {name}; give it (an integer >= {minimum}"
+                         f"{', or null' if nullable else ''}).")
+    value = config[name]
+    if value is None and nullable:
+        return 0
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"config.json: {name}={value!r} must be an integer >= {minimum}"
+                         f"{' or null' if nullable else ''}.")
+    return value
+
+
 def _check_common(config: dict) -> None:
     if config.get("quantization_config"):
         raise _unsupported("quantization_config", config["quantization_config"].get(
@@ -93,16 +111,14 @@ def _check_common(config: dict) -> None:
     if act not in ("silu", "swish"):
         raise _unsupported("hidden_act", act, "the experts and MLPs are SwiGLU (silu) only")
     for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads"):
-        if not isinstance(config.get(name), int) or config[name] < 1:
-            raise ValueError(f"config.json: {name}={config.get(name)!r} must be a positive "
-                             "integer.")
+        _size(config, name)
 
 
-def _base(config: dict) -> dict[str, Any]:
+def _base(config: dict, family: str) -> dict[str, Any]:
     """Fields every family shares: sizes, norms, embeddings, RoPE."""
     return {"vocab_size": config["vocab_size"], "num_layers": config["num_hidden_layers"],
             "d_model": config["hidden_size"], "num_heads": config["num_attention_heads"],
-            "norm_eps": float(_get(config, "rms_norm_eps", 1e-6)),
+            "norm_eps": float(_get(config, "rms_norm_eps", DEFAULT_EPS[family])),
             "tie_embeddings": bool(_get(config, "tie_word_embeddings", False)),
             **_rope(config)[0]}
 
@@ -148,18 +164,19 @@ def _rope(config: dict) -> tuple[dict[str, Any], dict[str, Any]]:
     return fields, {**params, "rope_type": "yarn", "factor": factor}
 
 
-def _kv_heads(config: dict) -> int:
+def _kv_heads(config: dict, default: int | None = None) -> int:
+    """0 (= heads) or the grouped key/value head count; `default` when absent (else heads)."""
     heads = config["num_attention_heads"]
-    kv = _get(config, "num_key_value_heads", heads)
-    if kv < 1 or heads % kv:
+    kv = _get(config, "num_key_value_heads", default or heads)
+    if not isinstance(kv, int) or kv < 1 or heads % kv:
         raise ValueError(f"config.json: num_key_value_heads={kv} must divide "
                          f"num_attention_heads={heads}.")
     return 0 if kv == heads else kv
 
 
 def _experts(config: dict, num_experts: int) -> dict[str, Any]:
-    top_k = config.get("num_experts_per_tok")
-    if not isinstance(top_k, int) or not 1 <= top_k <= num_experts:
+    top_k = _size(config, "num_experts_per_tok")
+    if top_k > num_experts:
         raise ValueError(f"config.json: num_experts_per_tok={top_k!r} must be in "
                          f"[1, {num_experts}].")
     return {"num_experts": num_experts, "top_k": top_k, "score_fn": "softmax",
@@ -174,14 +191,12 @@ def _olmoe(config: dict) -> tuple[dict, dict]:
     head_dim = _get(config, "head_dim", d // heads)
     if head_dim * heads != d:  # OlmoeAttention's q_norm spans hidden_size
         raise _unsupported("head_dim", head_dim, f"OLMoE needs head_dim × heads = hidden_size {d}")
-    num_experts = _get(config, "num_experts", 0)
-    if num_experts < 1:
-        raise _unsupported("num_experts", num_experts, "OLMoE layers are all MoE")
-    model = {**_base(config), "head_dim": 0 if head_dim == d // heads else head_dim,
-             "d_ff": config["intermediate_size"], "moe_every": 1, "first_dense_layers": 0,
+    num_experts, d_ff = _size(config, "num_experts"), _size(config, "intermediate_size")
+    model = {**_base(config, "olmoe"), "head_dim": 0 if head_dim == d // heads else head_dim,
+             "d_ff": d_ff, "moe_every": 1, "first_dense_layers": 0,
              "num_kv_heads": _kv_heads(config), "qk_norm": True,
              "qkv_clip": float(_get(config, "clip_qkv", 0.0))}
-    moe = {**_experts(config, num_experts), "d_ff": config["intermediate_size"],
+    moe = {**_experts(config, num_experts), "d_ff": d_ff,
            "renormalize": bool(_get(config, "norm_topk_prob", False))}
     return model, moe
 
@@ -195,22 +210,20 @@ def _qwen2_moe(config: dict) -> tuple[dict, dict | None]:
         raise _unsupported("layer_types", sorted(types), "only full_attention is implemented")
     d, heads = config["hidden_size"], config["num_attention_heads"]
     head_dim = _get(config, "head_dim", d // heads)
-    num_experts = _get(config, "num_experts", 0)
+    num_experts = _size(config, "num_experts", minimum=0)
     step = _get(config, "decoder_sparse_step", 1)
     if step < 1:
         raise _unsupported("decoder_sparse_step", step, "use a step >= 1")
-    model = {**_base(config), "head_dim": 0 if head_dim * heads == d else head_dim,
-             "d_ff": config["intermediate_size"], "num_kv_heads": _kv_heads(config),
+    model = {**_base(config, "qwen2_moe"), "head_dim": 0 if head_dim * heads == d else head_dim,
+             "d_ff": _size(config, "intermediate_size"),
+             "num_kv_heads": _kv_heads(config, default=16),  # Qwen2MoeConfig's default
              "qkv_bias": bool(_get(config, "qkv_bias", True)),
              "moe_every": step if num_experts else 0, "first_dense_layers": step - 1,
              "dense_layers": tuple(_get(config, "mlp_only_layers", []))}
     if not num_experts:
         return model, None
-    shared = _get(config, "shared_expert_intermediate_size", 0)
-    if shared < 1:
-        raise _unsupported("shared_expert_intermediate_size", shared,
-                           "Qwen2-MoE always has a shared expert; give its width")
-    moe = {**_experts(config, num_experts), "d_ff": config["moe_intermediate_size"],
+    shared = _size(config, "shared_expert_intermediate_size")  # Qwen2-MoE always has one
+    moe = {**_experts(config, num_experts), "d_ff": _size(config, "moe_intermediate_size"),
            "renormalize": bool(_get(config, "norm_topk_prob", False)),
            "num_shared_experts": 1, "shared_d_ff": shared, "shared_expert_gate": True}
     return model, moe
@@ -232,32 +245,28 @@ def _deepseek_v2(config: dict) -> tuple[dict, dict | None]:
     if _get(config, "num_key_value_heads", heads) != heads:
         raise _unsupported("num_key_value_heads", config["num_key_value_heads"],
                            f"MLA has one key/value head per query head ({heads})")
-    for name in ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim",
-                 "intermediate_size"):
-        if not isinstance(config.get(name), int) or config[name] < 0:
-            raise ValueError(f"config.json: {name}={config.get(name)!r} must be an integer >= 0.")
-    nope, rope_dim = config["qk_nope_head_dim"], config["qk_rope_head_dim"]
+    nope, rope_dim = _size(config, "qk_nope_head_dim", 0), _size(config, "qk_rope_head_dim", 0)
     _, rope_params = _rope(config)
     scale = (nope + rope_dim) ** -0.5
     if rope_params["rope_type"] != "default" and rope_params.get("mscale_all_dim"):
         scale *= rope_lib.yarn_mscale(rope_params["factor"], rope_params["mscale_all_dim"]) ** 2
-    num_experts = _get(config, "n_routed_experts", 0)
-    model = {**_base(config), "d_ff": config["intermediate_size"], "attention": "mla",
-             "q_lora_rank": _get(config, "q_lora_rank", 0),
-             "kv_lora_rank": config.get("kv_lora_rank"), "qk_nope_head_dim": nope,
-             "qk_rope_head_dim": rope_dim, "v_head_dim": config.get("v_head_dim"),
+    num_experts = _size(config, "n_routed_experts", minimum=0)
+    model = {**_base(config, "deepseek_v2"), "d_ff": _size(config, "intermediate_size"),
+             "attention": "mla", "q_lora_rank": _size(config, "q_lora_rank", 0, nullable=True),
+             "kv_lora_rank": _size(config, "kv_lora_rank"), "qk_nope_head_dim": nope,
+             "qk_rope_head_dim": rope_dim, "v_head_dim": _size(config, "v_head_dim"),
              "latent_norm_eps": 1e-6, "rope_interleaved": True, "attn_scale": scale,
              "moe_every": 1 if num_experts else 0,
              "first_dense_layers": _get(config, "first_k_dense_replace", 0)}
     if not num_experts:
         return model, None
     method = _get(config, "topk_method", "greedy")
-    moe = {**_experts(config, num_experts), "d_ff": config["moe_intermediate_size"],
+    moe = {**_experts(config, num_experts), "d_ff": _size(config, "moe_intermediate_size"),
            "renormalize": False,
            "routed_scaling_factor": float(_get(config, "routed_scaling_factor", 1.0)),
-           "num_shared_experts": _get(config, "n_shared_experts", 0)}
+           "num_shared_experts": _size(config, "n_shared_experts", 0, nullable=True)}
     if moe["num_shared_experts"]:
-        moe["shared_d_ff"] = config["moe_intermediate_size"]
+        moe["shared_d_ff"] = moe["d_ff"]
     if method == "group_limited_greedy":
         groups, keep = config.get("n_group"), config.get("topk_group")
         if not (isinstance(groups, int) and isinstance(keep, int) and groups >= 1

@@ -69,6 +69,9 @@ def build(path: str, model_cfg: ModelConfig, moe_cfg: MoEConfig | None,
     The configs must describe the checkpoint's architecture (see `architecture`); any
     mismatch with the tensors found raises a one-line ValueError before anything is placed.
     """
+    if moe_cfg is None and model_cfg.moe_layers:
+        raise ValueError(f"model_cfg has {len(model_cfg.moe_layers)} MoE layers but moe_cfg is "
+                         "None; pass the MoEConfig, e.g. from oj.hf.architecture(path).")
     arch = families.architecture(families.read_config(path))
     ckpt = SafetensorsCheckpoint(path)
     names = ckpt.names()
@@ -122,7 +125,9 @@ def _make_array(source: weights.Source, ckpt: SafetensorsCheckpoint, leaf: Any,
     def block(index: tuple) -> np.ndarray:
         key = tuple((s.start, s.stop, s.step) for s in index)
         if key not in blocks:
-            blocks[key] = np.asarray(source.read(ckpt, index), dtype=dtype, order="C")
+            # a copy: an array aliasing the memory-mapped file would keep it open and change
+            # (or fault) when the file is rewritten
+            blocks[key] = np.array(source.read(ckpt, index), dtype=dtype, order="C", copy=True)
         return blocks[key]
 
     return jax.make_array_from_callback(tuple(leaf.shape), sharding, block)

@@ -52,21 +52,39 @@ def read_header(path: str) -> dict[str, TensorInfo]:
             header = json.loads(f.read(n))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise ValueError(f"{path}: unreadable safetensors header ({e}).") from None
+    if not isinstance(header, dict):
+        raise ValueError(f"{path}: the safetensors header is not a JSON object.")
     start, out = 8 + n, {}
     for name, entry in header.items():
         if name == "__metadata__":
             continue
-        dtype = DTYPES.get(entry.get("dtype"))
+        try:
+            dtype = DTYPES.get(entry["dtype"])
+            shape = tuple(int(s) for s in entry["shape"])
+            begin, end = (start + int(o) for o in entry["data_offsets"])
+        except (KeyError, TypeError, ValueError):
+            raise ValueError(f"{path}: tensor {name!r} has a malformed header entry {entry!r:.80} "
+                             "(needs dtype, shape, data_offsets [begin, end]).") from None
         if dtype is None:
-            raise ValueError(f"{path}: tensor {name!r} has dtype {entry.get('dtype')!r}, which "
+            raise ValueError(f"{path}: tensor {name!r} has dtype {entry['dtype']!r}, which "
                              f"is not supported; supported: {sorted(DTYPES)}.")
-        shape = tuple(int(s) for s in entry["shape"])
-        begin, end = (start + int(o) for o in entry["data_offsets"])
-        if end - begin != dtype.itemsize * int(np.prod(shape, dtype=np.int64)) or end > size:
+        if (end - begin != dtype.itemsize * int(np.prod(shape, dtype=np.int64)) or end > size
+                or begin < start or min(shape, default=0) < 0):
             raise ValueError(f"{path}: tensor {name!r} has byte range [{begin}, {end}) that does "
                              f"not match its shape {shape} and dtype, or the file size {size}.")
         out[name] = TensorInfo(path, dtype, shape, begin, end)
     return out
+
+
+def _read_index(path: str) -> object:
+    """The `weight_map` of an index file (one-line ValueError if it is not a JSON object)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            index = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path} is unreadable ({str(e).splitlines()[0]}); re-save the "
+                         "checkpoint.") from None
+    return index.get("weight_map") if isinstance(index, dict) else None
 
 
 class SafetensorsCheckpoint:
@@ -77,8 +95,7 @@ class SafetensorsCheckpoint:
         self.directory = os.path.abspath(directory)
         index = os.path.join(self.directory, INDEX)
         if os.path.isfile(index):
-            with open(index) as f:
-                weight_map = json.load(f).get("weight_map")
+            weight_map = _read_index(index)
             if not isinstance(weight_map, dict) or not weight_map:
                 raise ValueError(f"{index} has no 'weight_map'; re-save the checkpoint.")
             files = sorted(set(weight_map.values()))
