@@ -14,16 +14,17 @@ from jax.experimental import multihost_utils
 def maybe_initialize_distributed() -> bool:
     """Calls `jax.distributed.initialize()` when the environment describes a multi-host job.
 
-    Recognised: `JAX_COORDINATOR_ADDRESS` (with `JAX_NUM_PROCESSES`, `JAX_PROCESS_ID`), SLURM
-    with more than one task (`SLURM_NTASKS`), Open MPI (`OMPI_COMM_WORLD_SIZE` > 1) and
-    multi-host Cloud TPU (`TPU_WORKER_HOSTNAMES` listing several hosts). JAX auto-detects the
-    cluster from the same variables. Every host runs the same command; each feeds its part of
+    Recognised: `JAX_COORDINATOR_ADDRESS` (with `JAX_NUM_PROCESSES`, `JAX_PROCESS_ID`), a SLURM
+    job step of more than one task (`SLURM_STEP_NUM_TASKS`, set by `srun`; a batch script run
+    without `srun` sees only the allocation's `SLURM_NTASKS` and is one process), Open MPI
+    (`OMPI_COMM_WORLD_SIZE` > 1) and multi-host Cloud TPU (`TPU_WORKER_HOSTNAMES` listing
+    several hosts). JAX auto-detects the cluster from the same variables. Every host runs the same command; each feeds its part of
     the global batch, and only process 0 writes logs (checkpoints are written collectively).
     Must run before anything touches a JAX device; single-host runs skip it.
     """
     env = os.environ
     multi = (bool(env.get("JAX_COORDINATOR_ADDRESS"))
-             or int(env.get("SLURM_NTASKS", "1")) > 1
+             or int(env.get("SLURM_STEP_NUM_TASKS", "1")) > 1
              or int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1
              or len([h for h in env.get("TPU_WORKER_HOSTNAMES", "").split(",") if h]) > 1)
     if not multi or jax.distributed.is_initialized():

@@ -320,3 +320,30 @@ def test_cli_reports_config_errors_in_one_line(tmp_path):
     assert result.returncode == 1
     assert result.stderr.strip().splitlines()[-1] == (
         "error: steps=0 must be a positive integer.")
+
+
+@pytest.mark.parametrize("env,kwargs", [
+    ({}, None),
+    ({"SLURM_NTASKS": "4", "SLURM_PROCID": "0"}, None),  # a batch script, no srun: one process
+    ({"SLURM_NTASKS": "4", "SLURM_STEP_NUM_TASKS": "4"}, {}),  # srun's tasks
+    ({"SLURM_STEP_NUM_TASKS": "1"}, None),
+    ({"OMPI_COMM_WORLD_SIZE": "2"}, {}),
+    ({"TPU_WORKER_HOSTNAMES": "a,b"}, {}),
+    ({"TPU_WORKER_HOSTNAMES": "a"}, None),
+    ({"JAX_COORDINATOR_ADDRESS": "h:1234", "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "1"},
+     {"coordinator_address": "h:1234", "num_processes": 2, "process_id": 1}),
+])
+def test_distributed_start_up_follows_the_environment(monkeypatch, env, kwargs):
+    import jax
+
+    for name in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID",
+                 "SLURM_NTASKS", "SLURM_PROCID", "SLURM_STEP_NUM_TASKS",
+                 "OMPI_COMM_WORLD_SIZE", "TPU_WORKER_HOSTNAMES"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    calls = []
+    monkeypatch.setattr(jax.distributed, "is_initialized", lambda: False)
+    monkeypatch.setattr(jax.distributed, "initialize", lambda **kw: calls.append(kw))
+    assert job.maybe_initialize_distributed() == (kwargs is not None)
+    assert calls == ([] if kwargs is None else [kwargs])
