@@ -18,9 +18,10 @@ def maybe_initialize_distributed() -> bool:
     job step of more than one task (`SLURM_STEP_NUM_TASKS`, set by `srun`; a batch script run
     without `srun` sees only the allocation's `SLURM_NTASKS` and is one process), Open MPI
     (`OMPI_COMM_WORLD_SIZE` > 1) and multi-host Cloud TPU (`TPU_WORKER_HOSTNAMES` listing
-    several hosts). JAX auto-detects the cluster from the same variables. Every host runs the same command; each feeds its part of
-    the global batch, and only process 0 writes logs (checkpoints are written collectively).
-    Must run before anything touches a JAX device; single-host runs skip it.
+    several hosts). JAX auto-detects the cluster from the same variables. Every host runs the
+    same command; each feeds its part of the global batch, and only process 0 writes logs
+    (checkpoints are written collectively). Must run before anything touches a JAX device;
+    single-host runs skip it.
     """
     env = os.environ
     multi = (bool(env.get("JAX_COORDINATOR_ADDRESS"))
