@@ -31,7 +31,8 @@ def collaboration_cost(expert_ids: Any, expert_to_device: Any) -> float:
     devices = np.asarray(expert_to_device)
     if devices.ndim != 1:
         raise ValueError(f"expert_to_device must be 1-D [E]; got shape {devices.shape}.")
-    ids = _check_trace(expert_ids, devices.shape[0], distinct=False)
+    ids = _check_trace(expert_ids, devices.shape[0], distinct=False,
+                       hint="give expert_to_device one entry per expert")
     on = np.sort(devices[ids], axis=1)
     return float(1.0 + np.mean(np.sum(on[:, 1:] != on[:, :-1], axis=1)))
 
@@ -39,6 +40,9 @@ def collaboration_cost(expert_ids: Any, expert_to_device: Any) -> float:
 def pairwise_cost(coact: Any, expert_to_device: Any) -> float:
     """1 + fraction of co-activation mass between experts on different devices (C_T for top-2)."""
     m, devices = np.asarray(coact, np.float64), np.asarray(expert_to_device)
+    if m.ndim != 2 or m.shape[0] != m.shape[1] or devices.shape != (m.shape[0],):
+        raise ValueError(f"pairwise_cost needs an [E, E] matrix and an [E] expert_to_device map; "
+                         f"got shapes {m.shape} and {devices.shape}.")
     off = (devices[:, None] != devices[None, :]) & ~np.eye(len(devices), dtype=bool)
     total = m.sum() - np.trace(m)
     return 1.0 if total == 0 else float(1.0 + (m * off).sum() / total)
@@ -75,8 +79,9 @@ def place(stats: Any, num_devices: int, method: str = "best", *, seed: int = 0,
 
     stats: a routing trace [T, k] of integer expert ids, or a co-activation matrix [E, E].
       Unless `kind` ("trace" | "matrix") says which, a 2-D array is a matrix when it is floating
-      point, or square, symmetric and zero on the diagonal; anything else is a trace. (A trace
-      can satisfy that only in contrived cases such as [[0, 1], [1, 0]]: pass kind="trace".)
+      point, or square and symmetric (its diagonal, e.g. loads in X.T @ X, is ignored); anything
+      else is a trace. (A trace is square and symmetric only in contrived cases such as
+      [[0, 1], [1, 0]]: pass kind="trace".)
     method: "identity", "greedy" (the paper) or "best" (never worse than either on its
       objective: exact C_T over the whole trace, or the pairwise cost for a matrix).
     num_experts: E for a trace (default: largest id + 1). max_tokens: the swap search of
@@ -165,7 +170,8 @@ def _per_device(num_experts: int, num_devices: int) -> int:
     return num_experts // num_devices
 
 
-def _check_trace(expert_ids: Any, num_experts: int, distinct: bool = True) -> np.ndarray:
+def _check_trace(expert_ids: Any, num_experts: int, distinct: bool = True,
+                 hint: str = "pass num_experts for a larger E") -> np.ndarray:
     ids = np.asarray(expert_ids)
     if ids.ndim != 2 or ids.shape[0] == 0 or ids.shape[1] == 0:
         raise ValueError(f"expert_ids must be a non-empty [T, k] trace; got shape {ids.shape}.")
@@ -174,7 +180,7 @@ def _check_trace(expert_ids: Any, num_experts: int, distinct: bool = True) -> np
                          f"(for a co-activation matrix pass kind='matrix').")
     if ids.min() < 0 or ids.max() >= num_experts:
         raise ValueError(f"expert ids must lie in 0..{num_experts - 1}; got "
-                         f"{ids.min()}..{ids.max()} (pass num_experts for a larger E).")
+                         f"{ids.min()}..{ids.max()} ({hint}).")
     if distinct and ids.shape[1] > 1:
         ordered = np.sort(ids, axis=1)
         repeats = np.nonzero(np.any(ordered[:, 1:] == ordered[:, :-1], axis=1))[0]
@@ -185,11 +191,10 @@ def _check_trace(expert_ids: Any, num_experts: int, distinct: bool = True) -> np
 
 
 def _looks_like_matrix(a: np.ndarray) -> bool:
+    """Floating point, or square and symmetric (any diagonal: X.T @ X holds loads there)."""
     if a.ndim != 2 or a.shape[0] != a.shape[1]:
         return False
-    if np.issubdtype(a.dtype, np.floating):
-        return True
-    return bool(np.array_equal(a, a.T) and not np.any(np.diagonal(a)))
+    return bool(np.issubdtype(a.dtype, np.floating) or np.array_equal(a, a.T))
 
 
 def _resolve(stats: Any, kind: str | None, num_experts: int | None):
@@ -200,6 +205,9 @@ def _resolve(stats: Any, kind: str | None, num_experts: int | None):
     if a.ndim != 2:
         raise ValueError(f"stats must be a [T, k] trace or an [E, E] co-activation matrix; got "
                          f"shape {a.shape} (for a per-layer stack, call place once per layer).")
+    if a.size == 0:
+        raise ValueError(f"stats is empty (shape {a.shape}); give a non-empty [T, k] trace or "
+                         f"[E, E] co-activation matrix.")
     if (kind or ("matrix" if _looks_like_matrix(a) else "trace")) == "trace":
         e = int(np.max(a)) + 1 if num_experts is None else num_experts
         trace = _check_trace(a, e)

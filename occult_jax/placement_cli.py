@@ -47,6 +47,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"{args.stats} holds shape {data.shape}; expected [E, E], [L, E, E] or "
                      f"[T, k].")
     stack = data.ndim == 3
+    if stack and args.kind == "trace":
+        parser.error(f"--kind trace needs a 2-D [T, k] trace; {args.stats} holds a stack of "
+                     f"shape {data.shape} (read as [L, E, E] matrices): drop --kind.")
     layers, kind = (list(data), "matrix") if stack else ([data], args.kind)
     try:
         rows, maps, mats = [], [], []

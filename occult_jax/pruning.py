@@ -1,9 +1,9 @@
 """Collaboration pruning: device-limited top-k over any expert→device map.
 
 A token may use experts on at most `max_devices_per_token` devices (M). Devices are ranked per
-token, the best M kept, and the top-k is taken again among their experts. Masks go through the
-expert→device map, never through a reshape of the logits, so placement may scatter a device's
-experts over any ids.
+token, the best M kept, and the top-k is taken again among their experts. Everything goes
+through the expert→device map (balanced, E/N experts per device), so placement may scatter a
+device's experts over any ids: device ranking gathers the scores into device order, [T, N, E/N].
 
 Rules (`MoEConfig.prune_rule`):
 * "score": walk the experts in score order collecting devices until M are found — the same as
@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 NEG = -1e30
 
@@ -50,14 +51,35 @@ def similarity_from_router(router_kernel: jax.Array) -> jax.Array:
 
 def device_scores(scores: jax.Array, expert_device: jax.Array, num_devices: int, rule: str,
                   top_k: int, max_devices: int) -> jax.Array:
-    """[T, E] scores → [T, N] device ranking scores for the rule."""
-    on_device = expert_device[None, :] == jnp.arange(num_devices)[:, None]  # [N, E]
-    per_device = jnp.where(on_device[None], scores[:, None, :], NEG)  # [T, N, E]
+    """[T, E] scores → [T, N] device ranking scores for the rule.
+
+    `expert_device` must be balanced (E/N experts on every device), as every placement is:
+    the scores are gathered into device order and viewed as [T, N, E/N], O(T·E) memory.
+    """
+    _check_balanced(expert_device, num_devices)
+    per = scores.shape[-1] // num_devices
+    order = jnp.argsort(expert_device, stable=True)  # experts grouped by device, 0..N-1
+    per_device = jnp.take(scores, order, axis=-1).reshape(*scores.shape[:-1], num_devices, per)
     if rule == "group_score":
-        take = -(-top_k // max_devices)
-        best, _ = jax.lax.top_k(per_device, take)
-        return jnp.sum(jnp.where(best > NEG / 2, best, 0.0), axis=-1)
+        best, _ = jax.lax.top_k(per_device, min(-(-top_k // max_devices), per))
+        return jnp.sum(best, axis=-1)
     return jnp.max(per_device, axis=-1)
+
+
+def _check_balanced(expert_device: jax.Array, num_devices: int) -> None:
+    """ValueError unless E/N experts sit on each device (checked when the map is concrete)."""
+    e = expert_device.shape[0]
+    if e % num_devices:
+        raise ValueError(f"num_devices={num_devices} must divide the {e} experts evenly.")
+    try:
+        devices = np.asarray(expert_device).astype(np.int64)
+    except jax.errors.TracerArrayConversionError:  # under jit: placements are balanced
+        return
+    counts = np.bincount(devices[(devices >= 0) & (devices < num_devices)],
+                         minlength=num_devices)
+    if np.any(counts != e // num_devices):
+        raise ValueError(f"expert_device must put {e // num_devices} experts on each of devices "
+                         f"0..{num_devices - 1}; got counts {counts.tolist()}.")
 
 
 def allowed_experts(scores: jax.Array, expert_device: jax.Array, num_devices: int, rule: str,

@@ -57,6 +57,14 @@ def _match(keys: tuple, layer: tuple, names: Iterable[str]) -> str | None:
     return trimmed[-1] if trimmed[len(trimmed) - 1 - len(layer):-1] == layer else None
 
 
+def _owner(keys: tuple, layers: Iterable[tuple]) -> tuple | None:
+    """The layer an expert array belongs to: the longest layer path it matches. A layer at
+    ("sub", "moe") also matches ("moe",) as a suffix (prefixes are allowed for optimizer
+    states), and must not move with it."""
+    owners = [layer for layer in layers if _match(keys, layer, EXPERT_ARRAYS)]
+    return max(owners, key=len) if owners else None
+
+
 def _is_expert_array(leaf, num_experts: int) -> bool:
     """[E, a, b] stacked expert weights (or their optimizer moments)."""
     shape = getattr(leaf, "shape", ())
@@ -107,12 +115,12 @@ def apply_placement(model_state: Any, placements: Mapping[tuple, Any], *others: 
     for t, (leaves, _) in enumerate(flat):
         for i, (path, leaf) in enumerate(leaves):
             keys = _keys(path)
-            for layer in perms:
-                if (_match(keys, layer, EXPERT_ARRAYS)
-                        and _is_expert_array(leaf, perms[layer].shape[0])):
-                    moves[t, i] = perms[layer]
-                elif _layer_of_placement(keys) == layer:
-                    values[t][i] = jax.device_put(maps[layer].astype(leaf.dtype), leaf.sharding)
+            owner = _owner(keys, current)
+            if owner in perms and _is_expert_array(leaf, perms[owner].shape[0]):
+                moves[t, i] = perms[owner]
+            elif _layer_of_placement(keys) in maps:
+                layer = _layer_of_placement(keys)
+                values[t][i] = jax.device_put(maps[layer].astype(leaf.dtype), leaf.sharding)
     index = sorted(moves)
     moved = jax.jit(_take_rows, out_shardings=[values[t][i].sharding for t, i in index])(
         [values[t][i] for t, i in index], [moves[k] for k in index])
@@ -135,8 +143,19 @@ def slots_from_devices(expert_to_device: Any, num_devices: int,
     groups are relabelled to keep as many experts as possible on their current device, and an
     expert that stays keeps its slot: `apply_placement` then moves only what must move.
     """
-    devices = np.asarray(expert_to_device)
-    per_device = devices.shape[0] // num_devices
+    devices = _int_array(expert_to_device, "expert_to_device")
+    if not isinstance(num_devices, int | np.integer) or num_devices < 1:
+        raise ValueError(f"num_devices must be a positive int; got {num_devices!r}.")
+    e = devices.shape[0]
+    if e == 0:
+        raise ValueError("expert_to_device is empty; give one device per expert.")
+    if e % num_devices:
+        raise ValueError(f"num_devices={num_devices} must divide the number of experts "
+                         f"(len(expert_to_device) = {e}) evenly.")
+    if devices.min() < 0 or devices.max() >= num_devices:
+        raise ValueError(f"expert_to_device entries must lie in 0..{num_devices - 1}; got "
+                         f"{devices.min()}..{devices.max()}.")
+    per_device = e // num_devices
     counts = np.bincount(devices, minlength=num_devices)
     if np.any(counts != per_device):
         raise ValueError(f"every device must hold {per_device} experts; got counts "
@@ -147,7 +166,11 @@ def slots_from_devices(expert_to_device: Any, num_devices: int,
             members = np.nonzero(devices == device)[0]
             slots[members] = device * per_device + np.arange(per_device)
         return slots.astype(np.int32)
-    current = np.asarray(current_slots)
+    current = _int_array(current_slots, "current_slots")
+    if sorted(current.tolist()) != list(range(e)):
+        raise ValueError(f"current_slots must be a permutation of 0..{e - 1} (the layer's "
+                         f"logical→slot map); got shape {current.shape} with "
+                         f"{len(set(current.tolist()))} distinct values.")
     overlap = np.zeros((num_devices, num_devices), int)  # [group, current device]
     np.add.at(overlap, (devices, current // per_device), 1)
     label = _best_relabel(overlap)
@@ -161,6 +184,15 @@ def slots_from_devices(expert_to_device: Any, num_devices: int,
                       - set(current[stays].tolist()))
         slots[np.setdiff1d(members, stays)] = free
     return slots.astype(np.int32)
+
+
+def _int_array(values: Any, name: str) -> np.ndarray:
+    """values as a 1-D integer array, or a ValueError naming `name`."""
+    a = np.asarray(values)
+    if a.ndim != 1 or not (np.issubdtype(a.dtype, np.integer) or a.size == 0):
+        raise ValueError(f"{name} must be a 1-D array of integers; got shape {a.shape}, "
+                         f"dtype {a.dtype}.")
+    return a.astype(np.int64)
 
 
 def _best_relabel(overlap: np.ndarray) -> np.ndarray:

@@ -233,6 +233,30 @@ def test_best_never_worse_than_greedy_or_identity(seed):
     assert cost["best"] <= min(cost["greedy"], cost["identity"]) + 1e-12, cost
 
 
+def _fuzz_case(seed):
+    """A random small (E, N, k, T) and a skewed trace: the fuzzer of the review."""
+    rng = np.random.default_rng(seed)
+    e = int(rng.choice([8, 12, 16]))
+    n = int(rng.choice([d for d in range(2, e) if e % d == 0]))
+    k, t = int(rng.integers(2, 5)), int(rng.integers(20, 200))
+    trace = np.argsort(rng.random((t, e)) ** rng.uniform(0.2, 3, e), 1)[:, :k]
+    return trace, e, n
+
+
+@pytest.mark.parametrize("seed", [3, 4, 5])
+def test_best_never_worse_with_a_tiny_search_sample(seed):
+    """The swap searches see only 8 tokens: on the whole trace their maps can lose to greedy
+    (seed 3: E 16, N 2, k 2, T 62), so the raw starts must stay candidates."""
+    trace, e, n = _fuzz_case(seed)
+    if seed == 3:
+        assert (e, n, *trace.shape) == (16, 2, 62, 2)
+    got = {m: pl.place(trace, n, m, seed=seed, max_tokens=8, num_experts=e, restarts=0)
+           for m in pl.METHODS}
+    ct = {m: _ct_loop(trace, d) for m, d in got.items()}
+    assert _balanced(got["best"], n)
+    assert ct["best"] <= min(ct["greedy"], ct["identity"]) + 1e-12, ct
+
+
 def test_stats_kind_detection():
     m = _coact_loop(np.array([[0, 1], [2, 3], [0, 1]]), 4)
     assert pl.place(m, 2).tolist() in ([0, 0, 1, 1], [1, 1, 0, 0])  # int square → matrix
@@ -240,6 +264,25 @@ def test_stats_kind_detection():
     ambiguous = np.array([[0, 1], [1, 0]])  # a valid trace that looks like a matrix
     assert pl.place(ambiguous, 2, kind="trace", num_experts=4).tolist() in (
         [0, 0, 1, 1], [1, 1, 0, 0])
+
+
+def test_int_matrix_with_loads_on_the_diagonal_is_a_matrix():
+    """X.T @ X of one-hot routing (loads on the diagonal) is an integer co-activation matrix;
+    the diagonal is ignored, so it places exactly like the zero-diagonal float matrix."""
+    trace, _ = _planted(16, 2, 4, 3000, 0.2, seed=6)
+    x = np.zeros((len(trace), 16), np.int64)
+    x[np.arange(len(trace))[:, None], trace] = 1
+    gram = x.T @ x
+    assert np.all(np.diagonal(gram) > 0)
+    zero_diag = _coact_loop(trace, 16).astype(np.float64)
+    np.testing.assert_array_equal(gram - np.diag(np.diagonal(gram)), zero_diag)
+    for method in pl.METHODS:
+        got = pl.place(gram, 4, method)
+        assert got.shape == (16,) and _balanced(got, 4)
+        np.testing.assert_array_equal(got, pl.place(zero_diag, 4, method))
+        np.testing.assert_array_equal(got, pl.place(gram, 4, method, kind="matrix"))
+    assert pl.pairwise_cost(gram, got) == pytest.approx(_cut_cost(zero_diag, got), abs=1e-12)
+    assert pl.place(trace, 4, num_experts=16).shape == (16,)  # [T, 2] still a trace
 
 
 # ----------------------------------------------------------------------------------- CLI
@@ -276,6 +319,17 @@ def test_cli_on_trace(tmp_path, capsys):
     assert "divide" in capsys.readouterr().err
 
 
+def test_cli_rejects_kind_trace_on_a_stack(tmp_path, capsys):
+    rng = np.random.default_rng(8)
+    stack = np.stack([_coact_loop(_random_trace(rng, 200, 8, 2), 8) for _ in range(2)])
+    np.save(tmp_path / "stack.npy", stack)
+    with pytest.raises(SystemExit):
+        cli_main([str(tmp_path / "stack.npy"), "--devices", "2", "--kind", "trace"])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "--kind trace needs a 2-D [T, k] trace" in err
+    assert cli_main([str(tmp_path / "stack.npy"), "--devices", "2"]) == 0
+
+
 # ---------------------------------------------------------------------------- validation
 
 
@@ -296,7 +350,14 @@ def test_cli_on_trace(tmp_path, capsys):
     (lambda: pl.brute_force(np.zeros((24, 24)), 4), "max_partitions"),
     (lambda: pl.collaboration_cost(np.zeros((3, 2), int), np.zeros((2, 2), int)), "1-D"),
     (lambda: pl.lower_bound(8, 9, 2), "top_k=9"),
+    (lambda: pl.place(np.zeros((0, 2), int), 2), r"stats is empty \(shape \(0, 2\)\)"),
+    (lambda: pl.place(np.zeros((0, 0)), 2), "stats is empty"),
+    (lambda: pl.pairwise_cost(np.ones((4, 4)), [0, 1]), r"shapes \(4, 4\) and \(2,\)"),
+    (lambda: pl.pairwise_cost(np.ones((4, 3)), [0, 1, 0, 1]), r"\[E, E\] matrix and an \[E\]"),
+    (lambda: pl.collaboration_cost([[0, 5]], [0, 1, 0, 1]),
+     r"0\.\.3; got 0\.\.5 \(give expert_to_device one entry per expert\)"),
 ])
 def test_bad_inputs_raise(call, match):
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(ValueError, match=match) as info:
         call()
+    assert "\n" not in str(info.value)

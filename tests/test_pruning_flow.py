@@ -43,6 +43,43 @@ def test_calibration_is_the_cosine_of_logit_columns():
     np.testing.assert_allclose(np.asarray(model.moe.similarity[...]), unit.T @ unit, atol=2e-4)
 
 
+class TwoLayers(nnx.Module):
+    """Two MoE layers in sequence, stats stacked per layer in `nnx.iter_modules` order."""
+
+    def __init__(self, cfg, mesh):
+        self.first = oj.MoELayer(cfg, mesh=mesh, rngs=nnx.Rngs(1))
+        self.second = oj.MoELayer(cfg, mesh=mesh, rngs=nnx.Rngs(2))
+
+    def __call__(self, x):
+        h, s1 = self.first(x)
+        y, s2 = self.second(x + h)
+        return y, jax.tree.map(lambda a, b: jnp.stack([a, b]), s1, s2)
+
+
+def test_calibration_gives_each_layer_its_own_similarity():
+    """Layer i gets the cosine of its own logit columns (over its own inputs), not layer 0's."""
+    mesh = mesh_or_skip(4, 2)
+    cfg = oj.MoEConfig(num_experts=8, top_k=2, d_model=16, d_ff=8, dispatch="occult")
+    model = TwoLayers(cfg, mesh)
+    rng = np.random.default_rng(3)
+    batches = [jnp.asarray(rng.standard_normal((2, 32, 16)), jnp.float32) for _ in range(2)]
+    assert calibration.calibrate(model, batches) == 2 * 64
+    inputs = {"first": [], "second": []}
+    for b in batches:
+        inputs["first"].append(np.asarray(b).reshape(-1, 16))
+        inputs["second"].append(np.asarray(b + model.first(b)[0]).reshape(-1, 16))
+    sims = {}
+    for name, xs in inputs.items():
+        layer = getattr(model, name)
+        logits = np.concatenate(xs).astype(np.float64) @ np.asarray(layer.router[...],
+                                                                    np.float64)
+        centred = logits - logits.mean(0)
+        unit = centred / np.linalg.norm(centred, axis=0)
+        sims[name] = unit.T @ unit
+        np.testing.assert_allclose(np.asarray(layer.similarity[...]), sims[name], atol=2e-4)
+    assert np.abs(sims["first"] - sims["second"]).max() > 0.1  # the layers differ
+
+
 def test_finetuning_with_similarity_rule_stores_calibration(tmp_path):
     mesh_or_skip(4, 2)
     base = tmp_path / "base"

@@ -52,6 +52,75 @@ def test_outputs_unchanged_and_weights_moved(dispatch):
         assert new_layer.w_down[...].sharding == old_layer.w_down[...].sharding
 
 
+class Nested(nnx.Module):
+    """MoE layers at ("moe",) and ("sub", "moe"): the first path is a suffix of the second."""
+
+    def __init__(self, cfg, mesh):
+        self.moe = oj.MoELayer(cfg, mesh=mesh, rngs=nnx.Rngs(0))
+        self.sub = nnx.Module()
+        self.sub.moe = oj.MoELayer(cfg, mesh=mesh, rngs=nnx.Rngs(1))
+
+    def __call__(self, x):
+        h, _ = self.moe(x)
+        y, _ = self.sub.moe(x + h)
+        return y, h
+
+
+@pytest.mark.parametrize("replaced", [("moe",), ("sub", "moe")])
+def test_replacing_one_layer_leaves_a_suffix_named_layer_alone(replaced):
+    """Re-placing ("moe",) must not move ("sub", "moe")'s weights or Adam moments (their paths
+    end with "moe", w_gate too), and vice versa; the model function is unchanged."""
+    mesh = mesh_or_skip(4, 2)
+    cfg = oj.MoEConfig(num_experts=8, top_k=2, d_model=8, d_ff=4, dispatch="occult")
+    model = Nested(cfg, mesh)
+    assert sorted(oj.moe_layer_paths(model)) == [("moe",), ("sub", "moe")]
+    rng = np.random.default_rng(7)
+    x = jnp.asarray(rng.standard_normal((2, 16, 8)), jnp.float32)
+    t = jnp.asarray(rng.standard_normal((2, 16, 8)), jnp.float32)
+    optimizer = nnx.Optimizer(model, optax.adam(1e-2), wrt=nnx.Param)
+    grads = nnx.grad(lambda m: jnp.mean((m(x)[0] - t) ** 2))(model)
+    optimizer.update(model, grads)  # non-zero, distinct moments per layer
+    (y_before, h_before), model_def = model(x), nnx.graphdef(model)
+    opt_def, opt_state = nnx.split(optimizer)
+    state = nnx.state(model)
+    new = random_slots(rng, 8)
+    moved, moved_opt = oj.apply_placement(state, {replaced: new}, opt_state)
+    after = nnx.merge(model_def, moved)
+    y_after, h_after = after(x)
+    np.testing.assert_allclose(np.asarray(y_after), np.asarray(y_before), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(h_after), np.asarray(h_before), rtol=1e-5, atol=1e-6)
+    other = next(p for p in oj.moe_layer_paths(model) if p != replaced)
+
+    def layer(m, path):
+        for name in path:
+            m = getattr(m, name)
+        return m
+
+    def moments(opt, path):
+        return [layer(getattr(opt.opt_state[0], kind), path) for kind in ("mu", "nu")]
+
+    opt_before, opt_after = optimizer, nnx.merge(opt_def, moved_opt)
+    # the other layer: map, weights and moments untouched
+    np.testing.assert_array_equal(np.asarray(layer(after, other).placement[...]), np.arange(8))
+    for name in ("w_gate", "w_up", "w_down"):
+        np.testing.assert_array_equal(np.asarray(getattr(layer(after, other), name)[...]),
+                                      np.asarray(getattr(layer(model, other), name)[...]))
+        for b, a in zip(moments(opt_before, other), moments(opt_after, other), strict=True):
+            assert np.any(np.asarray(getattr(b, name)[...]) != 0)
+            np.testing.assert_array_equal(np.asarray(getattr(a, name)[...]),
+                                          np.asarray(getattr(b, name)[...]))
+    # the re-placed layer: map rewritten, logical expert e keeps its weights and moments
+    np.testing.assert_array_equal(np.asarray(layer(after, replaced).placement[...]), new)
+    for name in ("w_gate", "w_up", "w_down"):
+        old_w = np.asarray(getattr(layer(model, replaced), name)[...])
+        new_w = np.asarray(getattr(layer(after, replaced), name)[...])
+        np.testing.assert_array_equal(new_w[new], old_w)
+        for b, a in zip(moments(opt_before, replaced), moments(opt_after, replaced),
+                        strict=True):
+            np.testing.assert_array_equal(np.asarray(getattr(a, name)[...])[new],
+                                          np.asarray(getattr(b, name)[...]))
+
+
 def test_shared_experts_stay_put_and_on_the_mesh():
     """A bare layer with shared experts: only the routed experts move; the shared SwiGLU's
     [d, f] weights are neither permuted nor left off the mesh (sub-mesh of the host's devices)."""
@@ -127,6 +196,25 @@ def test_bad_placements():
         oj.apply_placement(nnx.state(model, nnx.Param), {("first",): np.arange(4)})
     with pytest.raises(ValueError, match="every device must hold 2 experts"):
         oj.slots_from_devices([0, 0, 0, 1], 2)
+
+
+@pytest.mark.parametrize("call,match", [
+    (lambda: oj.slots_from_devices([0, -1, 1, 0], 2), r"lie in 0\.\.1; got -1\.\.1"),
+    (lambda: oj.slots_from_devices([0, 2, 1, 0], 2), r"lie in 0\.\.1; got 0\.\.2"),
+    (lambda: oj.slots_from_devices(np.array([0.0, 1.0, 1.0, 0.0]), 2), "array of integers"),
+    (lambda: oj.slots_from_devices([[0, 1], [1, 0]], 2), "1-D array of integers"),
+    (lambda: oj.slots_from_devices([], 2), "is empty"),
+    (lambda: oj.slots_from_devices([0, 1, 2, 3, 0, 1], 4), "num_devices=4 must divide"),
+    (lambda: oj.slots_from_devices([0, 1, 1, 0], 0), "positive int"),
+    (lambda: oj.slots_from_devices([0, 1, 1, 0], 2, [0, 1, 2]), "current_slots must be a perm"),
+    (lambda: oj.slots_from_devices([0, 1, 1, 0], 2, [0, 0, 1, 1]), "current_slots must be a perm"),
+    (lambda: oj.slots_from_devices([0, 1, 1, 0], 2, [0, 1, 2, 7]), "current_slots must be a perm"),
+    (lambda: oj.slots_from_devices([0, 1, 1, 0], 2, [0.0, 1.0, 2.0, 3.0]), "array of integers"),
+])
+def test_slots_from_devices_bad_inputs(call, match):
+    with pytest.raises(ValueError, match=match) as info:
+        call()
+    assert "\n" not in str(info.value)
 
 
 def test_slots_from_devices():
