@@ -208,6 +208,10 @@ def setup(config: Any, workdir: str) -> Run:
             checkpointer.close()
             raise ConfigError(str(e)) from None
         notes.append(f"initialised params from {config.init_from} (step {from_step})")
+    if moe is not None and moe.param_dtype != "float32":
+        notes.append(f"note: moe.param_dtype={moe.param_dtype} keeps the expert weights, and "
+                     "applies their updates, in that dtype (no float32 master copy): updates "
+                     "below its precision are lost; train with float32 to avoid that")
     counts = count_params(model)
     notes.insert(0, f"devices={len(devices)} mesh=(data={n_data}, expert={n_expert}) "
                     f"params={counts['total']:,} (experts {counts['experts']:,}, active "
