@@ -10,9 +10,12 @@ import math
 import jax
 
 from occult_jax import rope as rope_lib
-from occult_jax.config import DTYPES
+from occult_jax.config import DTYPES, _is_int, _is_real
 
 ATTENTIONS = ("mha", "mla")
+# float fields that must be > 0 (the others, attn_scale and qkv_clip, are >= 0; 0: default/off)
+_POSITIVE_REALS = ("rope_theta", "norm_eps", "latent_norm_eps", "rope_factor", "rope_beta_fast",
+                   "rope_beta_slow", "rope_attention_factor")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,13 +59,18 @@ class ModelConfig:
     rope_attention_factor: float = 1.0  # multiplies cos and sin (YaRN's attention_factor)
 
     def __post_init__(self):
-        object.__setattr__(self, "dense_layers", tuple(int(i) for i in self.dense_layers))
+        self._validate_types()
         for name in ("vocab_size", "num_layers", "d_model", "num_heads", "d_ff"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
+            if value < 1:
                 raise ValueError(f"model.{name}={value!r} must be a positive integer.")
         if self.moe_every < 0 or self.first_dense_layers < 0:
             raise ValueError("model.moe_every and model.first_dense_layers must be >= 0.")
+        bad = [i for i in self.dense_layers if not (_is_int(i) and 0 <= i < self.num_layers)]
+        if bad:
+            raise ValueError(f"model.dense_layers holds {bad!r}; give layer indices in "
+                             f"[0, num_layers={self.num_layers}).")
+        object.__setattr__(self, "dense_layers", tuple(int(i) for i in self.dense_layers))
         if self.dtype not in DTYPES:
             raise ValueError(f"model.dtype={self.dtype!r} is unknown; use one of {DTYPES}.")
         if self.attention not in ATTENTIONS:
@@ -77,21 +85,40 @@ class ModelConfig:
         if self.rope_scaling not in rope_lib.ROPE_SCALINGS:
             raise ValueError(f"model.rope_scaling={self.rope_scaling!r} is unknown; use one of "
                              f"{rope_lib.ROPE_SCALINGS}.")
-        if self.rope_scaling == "yarn" and (self.rope_factor <= 0
-                                            or self.rope_original_max_len < 1):
+        for name in _POSITIVE_REALS:
+            value = getattr(self, name)
+            if not value > 0:
+                raise ValueError(f"model.{name}={value!r} must be a finite number > 0.")
+        for name in ("attn_scale", "qkv_clip"):
+            value = getattr(self, name)
+            if value < 0:
+                raise ValueError(f"model.{name}={value!r} must be >= 0 (0: default/off).")
+        if self.rope_scaling == "yarn" and self.rope_original_max_len < 1:
             raise ValueError("model.rope_scaling='yarn' needs rope_factor > 0 and "
                              "rope_original_max_len >= 1.")
-        if self.attn_scale < 0 or self.qkv_clip < 0:
-            raise ValueError("model.attn_scale and model.qkv_clip must be >= 0 (0: default/off).")
-        for name in ("rope_theta", "norm_eps", "latent_norm_eps"):
-            value = getattr(self, name)
-            if not 0 < value < math.inf:
-                raise ValueError(f"model.{name}={value!r} must be a finite number > 0.")
+        if self.rope_scaling == "yarn" and self.rope_theta <= 1:
+            raise ValueError(f"model.rope_theta={self.rope_theta!r} must be > 1 with "
+                             "rope_scaling='yarn' (its ramp divides by log(rope_theta)).")
         if self.moe_every and not self.moe_layers:
             raise ValueError(f"model.first_dense_layers={self.first_dense_layers} and "
                              f"dense_layers={list(self.dense_layers)} leave no MoE layer among "
                              f"num_layers={self.num_layers}; lower them, or set moe_every=0 "
                              "for a dense model.")
+
+    def _validate_types(self) -> None:
+        """int fields hold integers (not bools), float fields finite numbers, bool fields
+        bools: a wrong type fails here, not as a TypeError or NaN at the first forward."""
+        for field in dataclasses.fields(self):
+            value, kind = getattr(self, field.name), field.type
+            if kind == "int" and not _is_int(value):
+                raise ValueError(f"model.{field.name}={value!r} must be an integer.")
+            if kind == "float" and not (_is_real(value) and math.isfinite(value)):
+                raise ValueError(f"model.{field.name}={value!r} must be a finite number.")
+            if kind == "bool" and not isinstance(value, bool):
+                raise ValueError(f"model.{field.name}={value!r} must be True or False.")
+        if not isinstance(self.dense_layers, (tuple, list)):
+            raise ValueError(f"model.dense_layers={self.dense_layers!r} must be a tuple of "
+                             "layer indices.")
 
     def _validate_mha(self) -> None:
         if self.head_dim < 0:

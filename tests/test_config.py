@@ -1,5 +1,6 @@
 """Bad input gets a one-line error that says what to change, before anything compiles."""
 
+import dataclasses
 import functools
 
 import jax
@@ -11,6 +12,7 @@ from flax import nnx
 from jax.sharding import AxisType, Mesh
 
 import occult_jax as oj
+from occult_jax.model_config import ModelConfig
 
 
 @pytest.mark.parametrize("changes,needle", [
@@ -142,3 +144,64 @@ def test_pallas_expert_matmul_needs_hopper():
     oj.config.validate_for_mesh(cfg, ("expert",), 2, 2, 2, "cpu")  # interpreted on CPU
     oj.config.validate_for_mesh(cfg.replace(expert_matmul="auto"), ("expert",), 2, 2, 2, "gpu",
                                 gpu_capability="8.0")
+
+
+MODEL = dict(vocab_size=64, num_layers=2, d_model=32, num_heads=4, d_ff=48)
+YARN = dict(rope_scaling="yarn", rope_factor=4.0, rope_original_max_len=8)
+NAN, INF = float("nan"), float("inf")
+
+
+@pytest.mark.parametrize("changes,needle", [
+    # values that crashed at the first forward (ZeroDivisionError, math domain error, deep
+    # TypeError) or trained to NaN
+    ({**YARN, "rope_theta": 1.0}, "rope_theta=1.0 must be > 1 with rope_scaling='yarn'"),
+    ({**YARN, "rope_theta": 0.5}, "rope_theta=0.5 must be > 1 with rope_scaling='yarn'"),
+    ({**YARN, "rope_beta_fast": 0.0}, "rope_beta_fast=0.0 must be a finite number > 0"),
+    ({**YARN, "rope_beta_slow": -1.0}, "rope_beta_slow=-1.0 must be a finite number > 0"),
+    ({**YARN, "rope_factor": NAN}, "rope_factor=nan must be a finite number"),
+    ({"attn_scale": INF}, "attn_scale=inf must be a finite number"),
+    ({"attn_scale": -1.0}, "attn_scale=-1.0 must be >= 0"),
+    ({"qkv_clip": NAN}, "qkv_clip=nan must be a finite number"),
+    ({"rope_attention_factor": NAN}, "rope_attention_factor=nan must be a finite number"),
+    ({"rope_attention_factor": 0.0}, "rope_attention_factor=0.0 must be a finite number > 0"),
+    ({"rope_theta": "1e4"}, "rope_theta='1e4' must be a finite number"),
+    ({"norm_eps": True}, "norm_eps=True must be a finite number"),
+    ({"num_kv_heads": 2.0}, "num_kv_heads=2.0 must be an integer"),
+    ({"num_layers": 4, "moe_every": 1.5}, "moe_every=1.5 must be an integer"),
+    ({"num_layers": True}, "num_layers=True must be an integer"),
+    ({"qkv_bias": 1}, "qkv_bias=1 must be True or False"),
+    ({"rope_truncate": 0}, "rope_truncate=0 must be True or False"),
+    ({"dense_layers": (1.5,)}, r"dense_layers holds \[1.5\]; give layer indices in \[0, "),
+    ({"dense_layers": (2,)}, r"dense_layers holds \[2\]; give layer indices in \[0, "),
+    ({"dense_layers": (True,)}, r"dense_layers holds \[True\]"),
+    ({"dense_layers": 1}, "dense_layers=1 must be a tuple of layer indices"),
+])
+def test_bad_model_config_values(changes, needle):
+    with pytest.raises(ValueError, match=needle) as info:
+        ModelConfig(**{**MODEL, **changes})
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("field", [f for f in dataclasses.fields(ModelConfig)
+                                   if f.type in ("int", "float", "bool")], ids=lambda f: f.name)
+def test_every_typed_model_field_is_checked(field):
+    """Every int, float and bool field refuses a value of the wrong type, naming the field."""
+    bad = {"int": [1.0, True, "2"], "float": [NAN, INF, -INF, True, None],
+           "bool": [1, 0, "yes", None]}[field.type]
+    for value in bad:
+        with pytest.raises(ValueError, match=f"^model.{field.name}=") as info:
+            ModelConfig(**{**MODEL, **YARN, field.name: value})
+        assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("changes", [
+    {**YARN, "rope_theta": 1.01, "rope_beta_fast": 1e-3, "rope_beta_slow": 1e-3},
+    {**YARN, "rope_factor": 0.5, "rope_truncate": False, "rope_attention_factor": 1e-3},
+    {"rope_theta": 1, "norm_eps": np.float32(1e-12), "attn_scale": 0, "qkv_clip": 0.0},
+    {"num_heads": np.int64(2), "num_kv_heads": np.int32(1), "head_dim": np.int64(8)},
+    {"num_layers": 3, "dense_layers": [np.int64(0), 2], "moe_every": 1},
+])
+def test_edge_model_config_values_construct(changes):
+    cfg = ModelConfig(**{**MODEL, **changes})
+    assert np.all(np.isfinite(np.asarray(cfg.inverse_frequencies())))
+    assert all(type(i) is int for i in cfg.dense_layers)

@@ -57,6 +57,20 @@ FAMILIES = {
         q_lora_rank=24, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=12,
         topk_method="group_limited_greedy", n_group=4, topk_group=2,
         routed_scaling_factor=1.5)),
+    # YaRN on multi-head attention: factor 8 gives attention_factor 0.1·ln 8 + 1 ≈ 1.208
+    # (DeepSeek-V2-Lite's mscale == mscale_all_dim makes its factor 1)
+    "olmoe_yarn": ("OlmoeConfig", dict(
+        intermediate_size=32, num_experts=8, num_experts_per_tok=2, num_key_value_heads=2,
+        max_position_embeddings=64, rope_parameters={
+            "rope_type": "yarn", "rope_theta": 10000.0, "factor": 8.0,
+            "original_max_position_embeddings": 8})),
+    # unrounded YaRN ramp bounds (truncate=False) and other betas
+    "qwen2_moe_yarn": ("Qwen2MoeConfig", dict(
+        intermediate_size=48, moe_intermediate_size=32, shared_expert_intermediate_size=40,
+        num_experts=8, num_experts_per_tok=2, num_key_value_heads=2, norm_topk_prob=True,
+        max_position_embeddings=16384, rope_parameters={  # ramp over dims 2.9..5.3 of 8
+            "rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "beta_fast": 24,
+            "beta_slow": 1.5, "truncate": False, "original_max_position_embeddings": 4096})),
 }
 
 
