@@ -170,6 +170,23 @@ def test_missing_or_non_integer_sizes_fail_in_one_line(tmp_path, base, field):
         assert "\n" not in str(info.value)
 
 
+@pytest.mark.parametrize("base,field,bad", [
+    (OLMOE_1B_7B, "head_dim", "128"), (OLMOE_1B_7B, "clip_qkv", "8.0"),
+    (OLMOE_1B_7B, "clip_qkv", -1.0), (QWEN15_MOE_A27B, "decoder_sparse_step", 0),
+    (QWEN15_MOE_A27B, "decoder_sparse_step", 1.5), (QWEN15_MOE_A27B, "head_dim", True),
+    (QWEN15_MOE_A27B, "mlp_only_layers", "0"), (QWEN15_MOE_A27B, "mlp_only_layers", [1, "2"]),
+    (DEEPSEEK_V2_LITE, "first_k_dense_replace", "1"),
+    (DEEPSEEK_V2_LITE, "first_k_dense_replace", -1),
+])
+def test_optional_fields_of_the_wrong_type_fail_in_one_line(tmp_path, base, field, bad):
+    """An optional field given with the wrong type or range names the field (they failed as
+    TypeErrors inside the mapping, or reached the model)."""
+    with pytest.raises(ValueError, match=f"config.json: {field}=") as info:
+        oj.hf.architecture(write_config(tmp_path, {**base, field: bad}))
+    assert "\n" not in str(info.value)
+    oj.hf.architecture(write_config(tmp_path / "null", {**base, field: None}))  # null: default
+
+
 def test_build_without_moe_config_fails_in_one_line(tmp_path):
     path = write_config(tmp_path, OLMOE_1B_7B)
     model_cfg, _ = oj.hf.architecture(path)

@@ -89,6 +89,33 @@ def _get(config: dict, name: str, default: Any = None) -> Any:
     return default if value is None else value
 
 
+def _optional_int(config: dict, name: str, default: int, minimum: int) -> int:
+    """An optional integer field: absent or null → `default`, else an int >= minimum."""
+    value = _get(config, name, default)
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"config.json: {name}={value!r} must be an integer >= {minimum} "
+                         "(or absent).")
+    return value
+
+
+def _optional_real(config: dict, name: str, default: float) -> float:
+    """An optional number field: absent or null → `default`, else a finite number >= 0."""
+    value = _get(config, name, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1e300:
+        raise ValueError(f"config.json: {name}={value!r} must be a finite number >= 0 "
+                         "(or absent).")
+    return float(value)
+
+
+def _layer_list(config: dict, name: str) -> tuple[int, ...]:
+    """An optional list of layer indices (absent or null → none)."""
+    value = _get(config, name, [])
+    if not isinstance(value, list) or any(
+            isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in value):
+        raise ValueError(f"config.json: {name}={value!r} must be a list of layer indices >= 0.")
+    return tuple(value)
+
+
 def _size(config: dict, name: str, minimum: int = 1, nullable: bool = False) -> int:
     """A size field config.json must give: an int >= minimum (null → 0 when nullable)."""
     if name not in config:
@@ -188,14 +215,14 @@ def _olmoe(config: dict) -> tuple[dict, dict]:
     if config.get("attention_bias"):
         raise _unsupported("attention_bias", True, "set it to false (no attention biases)")
     d, heads = config["hidden_size"], config["num_attention_heads"]
-    head_dim = _get(config, "head_dim", d // heads)
+    head_dim = _optional_int(config, "head_dim", d // heads, 1)
     if head_dim * heads != d:  # OlmoeAttention's q_norm spans hidden_size
         raise _unsupported("head_dim", head_dim, f"OLMoE needs head_dim × heads = hidden_size {d}")
     num_experts, d_ff = _size(config, "num_experts"), _size(config, "intermediate_size")
     model = {**_base(config, "olmoe"), "head_dim": 0 if head_dim == d // heads else head_dim,
              "d_ff": d_ff, "moe_every": 1, "first_dense_layers": 0,
              "num_kv_heads": _kv_heads(config), "qk_norm": True,
-             "qkv_clip": float(_get(config, "clip_qkv", 0.0))}
+             "qkv_clip": _optional_real(config, "clip_qkv", 0.0)}
     moe = {**_experts(config, num_experts), "d_ff": d_ff,
            "renormalize": bool(_get(config, "norm_topk_prob", False))}
     return model, moe
@@ -209,17 +236,15 @@ def _qwen2_moe(config: dict) -> tuple[dict, dict | None]:
     if types - {"full_attention"}:
         raise _unsupported("layer_types", sorted(types), "only full_attention is implemented")
     d, heads = config["hidden_size"], config["num_attention_heads"]
-    head_dim = _get(config, "head_dim", d // heads)
+    head_dim = _optional_int(config, "head_dim", d // heads, 1)
     num_experts = _size(config, "num_experts", minimum=0)
-    step = _get(config, "decoder_sparse_step", 1)
-    if step < 1:
-        raise _unsupported("decoder_sparse_step", step, "use a step >= 1")
+    step = _optional_int(config, "decoder_sparse_step", 1, 1)
     model = {**_base(config, "qwen2_moe"), "head_dim": 0 if head_dim * heads == d else head_dim,
              "d_ff": _size(config, "intermediate_size"),
              "num_kv_heads": _kv_heads(config, default=16),  # Qwen2MoeConfig's default
              "qkv_bias": bool(_get(config, "qkv_bias", True)),
              "moe_every": step if num_experts else 0, "first_dense_layers": step - 1,
-             "dense_layers": tuple(_get(config, "mlp_only_layers", []))}
+             "dense_layers": _layer_list(config, "mlp_only_layers")}
     if not num_experts:
         return model, None
     shared = _size(config, "shared_expert_intermediate_size")  # Qwen2-MoE always has one
@@ -257,7 +282,7 @@ def _deepseek_v2(config: dict) -> tuple[dict, dict | None]:
              "qk_rope_head_dim": rope_dim, "v_head_dim": _size(config, "v_head_dim"),
              "latent_norm_eps": 1e-6, "rope_interleaved": True, "attn_scale": scale,
              "moe_every": 1 if num_experts else 0,
-             "first_dense_layers": _get(config, "first_k_dense_replace", 0)}
+             "first_dense_layers": _optional_int(config, "first_k_dense_replace", 0, 0)}
     if not num_experts:
         return model, None
     method = _get(config, "topk_method", "greedy")
