@@ -10,7 +10,6 @@ Arrays restore onto the shardings of the live state.
 
 from __future__ import annotations
 
-import functools
 import os
 from typing import Any
 
@@ -85,10 +84,10 @@ def load_params(path: str, params: nnx.State) -> tuple[nnx.State, int]:
         raise ValueError(f"init_from={path!r} does not exist; give a run's workdir or a "
                          "checkpoint step folder.")
     target = _abstract(nnx.to_pure_dict(params))
+    manager = None
     if os.path.isdir(os.path.join(path, "params")):  # one step's folder, under any name
         step_name = os.path.basename(path)
         step = int(step_name) if step_name.isdigit() else -1
-        restore = functools.partial(_restore_item, os.path.join(path, "params"), target)
     else:
         directory = os.path.join(path, "checkpoints")
         directory = directory if os.path.isdir(directory) else path
@@ -97,19 +96,19 @@ def load_params(path: str, params: nnx.State) -> tuple[nnx.State, int]:
         if step is None:
             manager.close()
             raise ValueError(f"init_from={path!r} holds no checkpoint.")
-
-        def restore() -> Any:
-            try:
-                return manager.restore(step, args=ocp.args.Composite(
-                    params=ocp.args.StandardRestore(target)))["params"]
-            finally:
-                manager.close()
     try:
-        restored = restore()
+        if manager is None:
+            restored = _restore_item(os.path.join(path, "params"), target)
+        else:
+            restored = manager.restore(step, args=ocp.args.Composite(
+                params=ocp.args.StandardRestore(target)))["params"]
     except (ValueError, KeyError, TypeError) as e:
         raise ValueError(f"init_from={path!r} step {step} does not fit this model "
                          f"({type(e).__name__}: {str(e).splitlines()[0][:200]}); the shapes "
                          "of model and moe must match the source run's.") from None
+    finally:
+        if manager is not None:
+            manager.close()
     nnx.replace_by_pure_dict(params, restored)
     return params, step
 

@@ -42,10 +42,9 @@ def _at(tree, path):
     return tree
 
 
-def test_training_with_online_placement(tmp_path, monkeypatch):
-    mesh_or_skip(4, 2)
-    calls = []
-    replace = online_placement.replace_experts
+def record_replacements(monkeypatch) -> list:
+    """Patches replace_experts to record (counts, [new slots of each layer]) per call."""
+    calls, replace = [], online_placement.replace_experts
 
     def spy(params, opt_state, counts, paths, num_devices, method):
         params, opt_state, report = replace(params, opt_state, counts, paths, num_devices,
@@ -55,6 +54,12 @@ def test_training_with_online_placement(tmp_path, monkeypatch):
         return params, opt_state, report
 
     monkeypatch.setattr(online_placement, "replace_experts", spy)
+    return calls
+
+
+def test_training_with_online_placement(tmp_path, monkeypatch):
+    mesh_or_skip(4, 2)
+    calls = record_replacements(monkeypatch)
     straight = tmp_path / "straight"
     train_lib.train_and_evaluate(tiny_config(straight), progress=False)
     assert not calls
@@ -84,16 +89,7 @@ def test_resumed_run_re_places_from_the_same_counts(tmp_path, monkeypatch):
     every 3 steps neither shifts the 4-step windows of counts nor leaves counts out of a
     checkpoint."""
     mesh_or_skip(4, 2)
-    calls = []
-    replace = online_placement.replace_experts
-
-    def spy(params, opt_state, counts, paths, num_devices, method):
-        params, opt_state, report = replace(params, opt_state, counts, paths, num_devices,
-                                            method)
-        calls.append((np.array(counts), np.asarray(_at(params, (*paths[0], "placement"))[...])))
-        return params, opt_state, report
-
-    monkeypatch.setattr(online_placement, "replace_experts", spy)
+    calls = record_replacements(monkeypatch)
     # re-placed after steps 5 and 10, logged after 3, 6, 9, 10, checkpoints every 2 steps
     changes = {"placement.every": 5, "log_every": 3, "checkpoint_every": 2, "steps": 10}
     train_lib.train_and_evaluate(tiny_config(tmp_path / "straight", **changes), progress=False)

@@ -27,6 +27,14 @@ class OneLayer(nnx.Module):
         return y, jax.tree.map(lambda a: a[None], stats)
 
 
+def logit_column_cosine(x, router) -> np.ndarray:
+    """[E, E] cosine of the centred router-logit columns over tokens x, in float64."""
+    logits = np.asarray(x, np.float64) @ np.asarray(router, np.float64)
+    centred = logits - logits.mean(0)
+    unit = centred / np.linalg.norm(centred, axis=0)
+    return unit.T @ unit
+
+
 def test_calibration_is_the_cosine_of_logit_columns():
     mesh = mesh_or_skip(4, 2)
     cfg = oj.MoEConfig(num_experts=8, top_k=2, d_model=16, d_ff=8, dispatch="occult")
@@ -36,11 +44,9 @@ def test_calibration_is_the_cosine_of_logit_columns():
     assert not calibration.is_calibrated(model)
     assert calibration.calibrate(model, batches) == 3 * 64
     assert calibration.is_calibrated(model)
-    x = np.concatenate([np.asarray(b).reshape(-1, 16) for b in batches]).astype(np.float64)
-    logits = x @ np.asarray(model.moe.router[...], np.float64)
-    centred = logits - logits.mean(0)
-    unit = centred / np.linalg.norm(centred, axis=0)
-    np.testing.assert_allclose(np.asarray(model.moe.similarity[...]), unit.T @ unit, atol=2e-4)
+    x = np.concatenate([np.asarray(b).reshape(-1, 16) for b in batches])
+    np.testing.assert_allclose(np.asarray(model.moe.similarity[...]),
+                               logit_column_cosine(x, model.moe.router[...]), atol=2e-4)
 
 
 class TwoLayers(nnx.Module):
@@ -71,11 +77,7 @@ def test_calibration_gives_each_layer_its_own_similarity():
     sims = {}
     for name, xs in inputs.items():
         layer = getattr(model, name)
-        logits = np.concatenate(xs).astype(np.float64) @ np.asarray(layer.router[...],
-                                                                    np.float64)
-        centred = logits - logits.mean(0)
-        unit = centred / np.linalg.norm(centred, axis=0)
-        sims[name] = unit.T @ unit
+        sims[name] = logit_column_cosine(np.concatenate(xs), layer.router[...])
         np.testing.assert_allclose(np.asarray(layer.similarity[...]), sims[name], atol=2e-4)
     assert np.abs(sims["first"] - sims["second"]).max() > 0.1  # the layers differ
 

@@ -13,6 +13,7 @@ import os
 from typing import Any
 
 from occult_jax import rope as rope_lib
+from occult_jax.config import _is_int, _is_real
 
 ARCHITECTURES = {
     "OlmoeForCausalLM": "olmoe",
@@ -92,7 +93,7 @@ def _get(config: dict, name: str, default: Any = None) -> Any:
 def _optional_int(config: dict, name: str, default: int, minimum: int) -> int:
     """An optional integer field: absent or null → `default`, else an int >= minimum."""
     value = _get(config, name, default)
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+    if not _is_int(value) or value < minimum:
         raise ValueError(f"config.json: {name}={value!r} must be an integer >= {minimum} "
                          "(or absent).")
     return value
@@ -101,7 +102,7 @@ def _optional_int(config: dict, name: str, default: int, minimum: int) -> int:
 def _optional_real(config: dict, name: str, default: float) -> float:
     """An optional number field: absent or null → `default`, else a finite number >= 0."""
     value = _get(config, name, default)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1e300:
+    if not _is_real(value) or not 0 <= value < 1e300:
         raise ValueError(f"config.json: {name}={value!r} must be a finite number >= 0 "
                          "(or absent).")
     return float(value)
@@ -111,7 +112,7 @@ def _layer_list(config: dict, name: str) -> tuple[int, ...]:
     """An optional list of layer indices (absent or null → none)."""
     value = _get(config, name, [])
     if not isinstance(value, list) or any(
-            isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in value):
+            not _is_int(i) or i < 0 for i in value):
         raise ValueError(f"config.json: {name}={value!r} must be a list of layer indices >= 0.")
     return tuple(value)
 
@@ -124,7 +125,7 @@ def _size(config: dict, name: str, minimum: int = 1, nullable: bool = False) -> 
     value = config[name]
     if value is None and nullable:
         return 0
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+    if not _is_int(value) or value < minimum:
         raise ValueError(f"config.json: {name}={value!r} must be an integer >= {minimum}"
                          f"{' or null' if nullable else ''}.")
     return value
